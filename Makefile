@@ -1,0 +1,41 @@
+# Set-up and the main jobs. Every target creates or reuses the virtual environment in .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/tiny.yaml
+RUN ?= runs/demo
+# DATA empty: stream German Wikipedia from the Hugging Face hub. DATA=path: a local parquet,
+# JSONL, plain text or MediaWiki XML dump.
+DATA ?=
+MAX_ARTICLES ?=
+INPUT_FLAGS := $(if $(DATA),--input $(DATA),)
+LIMIT_FLAGS := $(if $(MAX_ARTICLES),--max-articles $(MAX_ARTICLES),)
+
+.PHONY: install test test-fast demo bench bench-data clean
+
+$(BIN)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+demo: install
+	$(BIN)/spikewalze prepare-data --config $(CONFIG) $(INPUT_FLAGS) $(LIMIT_FLAGS) --out $(RUN)/data
+	$(BIN)/spikewalze build-tokenizer --config $(CONFIG) --data $(RUN)/data --out $(RUN)/tokenizer
+
+bench-data: install
+	$(BIN)/python -m benchmarks.data_bench
+
+bench: install
+	$(BIN)/python -m benchmarks.model_bench
+
+clean:
+	rm -rf runs

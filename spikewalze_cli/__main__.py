@@ -1,0 +1,3 @@
+from spikewalze_cli.cli import main
+
+main()
