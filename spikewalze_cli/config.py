@@ -220,8 +220,10 @@ def _describe_error(error: dict[str, Any], source: str) -> str:
         suggestion = f"; did you mean '{'.'.join([*map(str, error['loc'][:-1]), hint])}'?" if hint else ""
         return f"{source}: unknown config key '{key}'{suggestion}"
     value = error.get("input")
-    where = f"config key '{key}'" if key else "config"
-    return f"{source}: invalid value {value!r} for {where}: {error['msg']}"
+    message = error["msg"].removeprefix("Value error, ")
+    if isinstance(value, dict):
+        return f"{source}: invalid config section '{key or 'top level'}': {message}"
+    return f"{source}: invalid value {value!r} for config key '{key}': {message}"
 
 
 def _set_dotted(tree: dict, dotted_key: str, value: Any) -> None:

@@ -15,8 +15,8 @@ def test_shipped_configs_validate(name):
 
 
 def test_override_parses_yaml_values():
-    config = load_config(CONFIGS / "tiny.yaml", ["train.lr=1e-4", "eval.contexts=[256, 512]", "train.peak_flops=null"])
-    assert config.train.lr == 1e-4
+    config = load_config(CONFIGS / "tiny.yaml", ["train.lr=1e-2", "eval.contexts=[256, 512]", "train.peak_flops=null"])
+    assert config.train.lr == 1e-2
     assert config.eval.contexts == [256, 512]
     assert config.train.peak_flops is None
 
@@ -46,3 +46,8 @@ def test_yaml_syntax_error_gives_line(tmp_path):
 def test_override_without_equals_rejected():
     with pytest.raises(UserError, match="expected dotted.key=value"):
         parse_override("train.lr")
+
+
+def test_section_rule_names_section():
+    with pytest.raises(UserError, match=r"invalid config section 'train': min_lr \(0.5\) must not exceed lr"):
+        load_config(None, ["train.min_lr=0.5"])
