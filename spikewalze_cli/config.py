@@ -57,9 +57,15 @@ class TokenizerConfig(Section):
 
     data: str | None = Field(None, description="Prepared data directory; null uses data.out.")
     out: str = Field("runs/tokenizer", description="Output tokenizer directory.")
-    vocab_size: int = Field(8192, ge=1, le=1_000_000, description="Vocabulary size including special tokens.")
+    # At least the 256 byte tokens plus the special tokens <|doc|> and <|pad|>.
+    vocab_size: int = Field(
+        8192, ge=256 + 2, le=1_000_000, description="Vocabulary size including the 256 byte tokens and 2 special tokens."
+    )
     min_frequency: int = Field(2, ge=1, description="Minimum pair frequency for a BPE merge.")
-    max_train_units: int | None = Field(None, ge=1, description="Train BPE on at most this many units; null uses all.")
+    max_train_units: int | None = Field(
+        None, ge=1, description="Train BPE on at most this many training units, evenly spread; null uses all."
+    )
+    batch_units: int = Field(1000, ge=1, description="Units per encode_batch call when tokenizing the splits.")
 
 
 class SpikeConfig(Section):
