@@ -11,7 +11,7 @@ MAX_ARTICLES ?=
 INPUT_FLAGS := $(if $(DATA),--input $(DATA),)
 LIMIT_FLAGS := $(if $(MAX_ARTICLES),--max-articles $(MAX_ARTICLES),)
 
-.PHONY: install test test-fast demo bench bench-data clean
+.PHONY: install test test-fast demo bench bench-quick bench-data clean
 
 $(BIN)/.installed: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ bench-data: install
 
 bench: install
 	$(BIN)/python -m benchmarks.model_bench
+
+# The same benchmarks at small sizes with a 30 s quality budget: a few minutes, for CI.
+bench-quick: install
+	$(BIN)/python -m benchmarks.model_bench --quick
 
 clean:
 	rm -rf runs
