@@ -45,7 +45,7 @@ MANIFEST_FORMAT = 1
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
-    """Return the smallest unsigned integer type that holds every token id."""
+    """Return the smallest unsigned integer type that fits every token id."""
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
@@ -66,7 +66,7 @@ def open_units(data_dir: Path):
     try:
         units = datasets.load_from_disk(str(data_dir / "units"))
     except (FileNotFoundError, ValueError, OSError) as error:
-        raise UserError(f"cannot read the units in {data_dir / 'units'} ({error}); {rerun}") from None
+        raise UserError(f"failed to read the units in {data_dir / 'units'} ({error}); {rerun}") from None
     if not isinstance(units, datasets.Dataset):
         raise UserError(f"{data_dir / 'units'} is not a single datasets.Dataset; {rerun}")
 
@@ -333,7 +333,7 @@ def build_tokenizer(config: Config) -> Path:
     if stats.round_trip_failures:
         log.warning(
             "decode(encode(text)) differs from the text for %d validation units (first in article %s); "
-            "the text is probably not NFC",
+            "check that prepare-data wrote NFC text",
             stats.round_trip_failures,
             stats.first_failure,
         )
@@ -376,7 +376,7 @@ def _check_replaceable(out_dir: Path) -> None:
         raise UserError(f"tokenizer output {out_dir} is a file; choose a directory with --out")
     if any(out_dir.iterdir()) and not (out_dir / "tokenizer.json").is_file():
         raise UserError(
-            f"tokenizer output {out_dir} is not empty and holds no tokenizer.json; "
+            f"tokenizer output {out_dir} is not empty and contains no tokenizer.json; "
             "choose another --out or remove the directory"
         )
 
@@ -510,7 +510,7 @@ class TokenStore:
         try:
             rows = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as error:
-            raise UserError(f"cannot read {path} ({error}); rerun `spikewalze build-tokenizer`") from None
+            raise UserError(f"failed to read {path} ({error}); rerun `spikewalze build-tokenizer`") from None
         if rows.dtype != UNIT_DTYPE or len(rows) != expected:
             raise UserError(f"{path} does not match its manifest; rerun `spikewalze build-tokenizer`")
         return rows

@@ -302,7 +302,7 @@ def test_data_dir_without_units(tmp_path: Path):
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text("{}")
 
-    with pytest.raises(UserError, match="cannot read the units"):
+    with pytest.raises(UserError, match="failed to read the units"):
         build_tokenizer(tiny_config(tmp_path / "data", tmp_path / "tok"))
 
 
@@ -325,7 +325,7 @@ def test_foreign_output_dir_is_kept(data_dir: Path, tmp_path: Path):
     out.mkdir()
     (out / "keep.txt").write_text("meine Notizen")
 
-    with pytest.raises(UserError, match="holds no tokenizer.json"):
+    with pytest.raises(UserError, match="contains no tokenizer.json"):
         build_tokenizer(tiny_config(data_dir, out))
     assert (out / "keep.txt").read_text() == "meine Notizen"
 
