@@ -33,6 +33,7 @@ class SpikeWalzeLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         spike = cfg.spike
+        self.dim = cfg.d_model
         self.mode = spike.mode
         self.expert = spike.expert
         self.norm1 = make_norm(cfg.norm, cfg.d_model)
@@ -111,12 +112,8 @@ class SpikeWalzeLayer(nn.Module):
     def init_state(self, batch_size: int, device, dtype) -> dict[str, torch.Tensor]:
         """Return this layer's fixed-size decoding state: Walze ring buffer and key/value ring buffers."""
         state = self.attn.init_state(batch_size, device, dtype)
-        state["walze"] = self.walze.init_state(batch_size, self.norm1_dim, device, dtype)
+        state["walze"] = self.walze.init_state(batch_size, self.dim, device, dtype)
         return state
-
-    @property
-    def norm1_dim(self) -> int:
-        return self.walze.weight.shape[0]
 
     def step(
         self, x: torch.Tensor, state: dict[str, torch.Tensor], position: int, temperature: torch.Tensor, override: float | None
