@@ -169,12 +169,22 @@ class EvalConfig(Section):
     """evaluate: which split, how much of it, at which lengths."""
 
     split: Literal["train", "validation"] = Field("validation", description="Split to evaluate.")
-    max_batches: int | None = Field(None, ge=1, description="Evaluate at most this many batches; null reads all.")
+    max_batches: int | None = Field(
+        None, ge=1, description="Score at most this many batches per stage, evenly spread; null scores all."
+    )
     batch_size: int = Field(8, ge=1, description="Sequences per batch.")
     contexts: list[int] = Field(default_factory=list, description="Context lengths; empty uses model.context.")
     gate_modes: list[Literal["soft", "hard"]] = Field(
         default_factory=lambda: ["soft", "hard"], description="Gate modes to evaluate."
     )
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+
+    @model_validator(mode="after")
+    def _check_contexts(self) -> EvalConfig:
+        invalid = [n for n in self.contexts if n < 1]
+        if invalid:
+            raise ValueError(f"contexts must be positive token counts, got {invalid}")
+        return self
 
 
 class GenerateConfig(Section):
@@ -184,8 +194,13 @@ class GenerateConfig(Section):
     temperature: float = Field(0.8, ge=0.0, description="Sampling temperature; 0 is greedy.")
     top_k: int | None = Field(50, ge=1, description="Sample from the k most likely tokens; null disables it.")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling mass.")
-    repetition_penalty: float = Field(1.1, ge=1.0, description="Divide logits of tokens already seen by this.")
+    repetition_penalty: float = Field(
+        1.1,
+        ge=1.0,
+        description="Penalize tokens already seen: positive logits are divided by it, negative ones multiplied; 1 disables it.",
+    )
     seed: int = Field(0, description="Sampling seed; the same seed gives the same text.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
 
 
 class Config(Section):
