@@ -162,7 +162,7 @@ class LocalAttention(nn.Module):
             return x.new_zeros(0, C), index
         q = self.q_proj(x.index_select(0, index)).view(-1, self.n_head, 1, self.head_dim)
         q = apply_rotary(q, cos, sin)
-        filled = torch.arange(w, device=x.device) <= position  # slots not yet written stay masked
+        filled = (torch.arange(w, device=x.device) <= position).view(1, w)  # unwritten slots stay masked
         y = F.scaled_dot_product_attention(
             q, cache["k"].index_select(0, index), cache["v"].index_select(0, index), attn_mask=filled
         )
