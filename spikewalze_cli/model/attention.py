@@ -45,7 +45,16 @@ def banded_attention(
     k_pos = (torch.arange(n_blocks, device=q.device) - 1).unsqueeze(-1) * window + offsets  # [n_blocks, 2w]
     query = q_pos.unsqueeze(-1)  # [B, n_blocks, m, 1]
     mask = (k_pos[:, None, :] <= query) & (k_pos[:, None, :] > query - window) & (k_pos[:, None, :] >= 0)
-    return F.scaled_dot_product_attention(q, k_blocks, v_blocks, attn_mask=mask.unsqueeze(2))
+
+    # Fold the blocks into the batch: SDPA is 4-D, and inductor's attention fusion breaks on 5-D.
+    B, _, H, m, D = q.shape
+    y = F.scaled_dot_product_attention(
+        q.reshape(B * n_blocks, H, m, D),
+        k_blocks.reshape(B * n_blocks, H, 2 * window, D),
+        v_blocks.reshape(B * n_blocks, H, 2 * window, D),
+        attn_mask=mask.expand(B, n_blocks, m, 2 * window).reshape(B * n_blocks, 1, m, 2 * window),
+    )
+    return y.view(B, n_blocks, H, m, D)
 
 
 class LocalAttention(nn.Module):
