@@ -7,7 +7,8 @@ as one multiply-add per tap, channel and token.
 Attention counts the key positions a query really needs: min(t + 1, window) for local attention
 and t + 1 for full causal attention, averaged over the positions t of a sequence.
 NOTE: the kernels do more than that. The blocked local kernel scores 2 * window keys per query
-and masks half of them, and FlopCounterMode counts causal SDPA as a full T x T product.
+and masks about half of them. Causal SDPA without a mask scores whole tiles across the diagonal;
+FlopCounterMode (torch 2.13 on CPU) does not count that fused kernel at all.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def forward_flops_per_token(
     spike_rate is the measured fraction of tokens that run the expert. None means the rate the
     config implies: 1 for spike.mode learned and always, 0 for never. The baseline has no gate,
     so its dense and actual counts are equal.
+    NOTE: with spike.mode learned the detector is counted, even for a run under
+    `set_gate_override`, which skips it.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
