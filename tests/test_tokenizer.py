@@ -346,3 +346,19 @@ def test_store_rejects_missing_and_damaged_dirs(tok_dir: Path, tmp_path: Path):
     (damaged / "tokenizer.json").write_text((tok_dir / "tokenizer.json").read_text().replace("<|pad|>", "<|PAD|>"))
     with pytest.raises(UserError, match="does not match its manifest"):
         TokenStore(damaged)
+
+
+def test_token_dtype_by_vocab_size():
+    assert tokmod.token_dtype(258) == np.uint16
+    assert tokmod.token_dtype(65536) == np.uint16
+    assert tokmod.token_dtype(65537) == np.uint32
+
+
+def test_vocab_larger_than_corpus_allows(data_dir: Path, tmp_path: Path, caplog):
+    out = build_tokenizer(tiny_config(data_dir, tmp_path / "tok", "tokenizer.vocab_size=200000"))
+
+    store = TokenStore(out)
+    assert 258 < store.vocab_size < 200000
+    assert store.vocab_size == store.tokenizer.get_vocab_size()
+    assert store.dtype == np.uint16
+    assert "BPE stopped at" in caplog.text
