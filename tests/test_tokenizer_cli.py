@@ -75,3 +75,41 @@ def test_cli_data_dir_without_manifest(data_dir: Path, tmp_path: Path):
 
     assert_one_line_error(result, "no manifest.json", "spikewalze prepare-data")
     assert not (tmp_path / "tok").exists()
+
+
+def test_prepare_data_then_build_tokenizer(shared_data: Path, tmp_path: Path):
+    """The real pipeline: prepare-data on 20 articles, then build-tokenizer on its output."""
+    import datasets
+
+    data, out = tmp_path / "data", tmp_path / "tok"
+    prepared = CliRunner().invoke(
+        app,
+        [
+            "prepare-data",
+            "--input", str(shared_data / "dewiki-articles.parquet"),
+            "--max-articles", "20",
+            "--out", str(data),
+            "--set", "data.num_proc=1",
+        ],
+    )  # fmt: skip
+    assert prepared.exit_code == 0, prepared.output
+
+    result = run_cli("--data", str(data), "--out", str(out), "--set", "tokenizer.vocab_size=512")
+
+    assert result.exit_code == 0, result.output
+    store = TokenStore(out)
+    data_manifest = json.loads((data / "manifest.json").read_text())
+    rows = datasets.load_from_disk(str(data / "units")).select_columns(["text", "split", "stage"]).to_list()
+    assert store.stages == ["A", "B", "C", "D"]
+    for split in ("train", "validation"):
+        for stage in store.stages:
+            texts = [row["text"] for row in rows if row["split"] == split and row["stage"] == stage]
+            units, tokens = store.units(split, stage), store.tokens(split, stage)
+            assert len(units) == len(texts) == data_manifest["counts"][split][stage]["units"]
+            if split != "validation":
+                continue
+            for text, unit in zip(texts, units):
+                ids = tokens[unit["offset"] : unit["offset"] + unit["length"]].tolist()
+                assert store.tokenizer.decode(ids, skip_special_tokens=False) == text
+    assert store.manifest["validation"]["round_trip_failures"] == 0
+    assert 1.0 < store.manifest["bytes_per_token"] < 4.0
