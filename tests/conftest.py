@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -15,3 +16,71 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "dewiki-articles.parquet").is_file():
         pytest.skip(f"real German data not found at {SHARED_DATA} (only developer and CI machines have it)")
     return SHARED_DATA
+
+
+class TinyRunInputs(NamedTuple):
+    data: Path  # prepared data directory
+    tokenizer: Path  # tokenizer directory built from it
+
+
+@pytest.fixture(scope="session")
+def tiny_run_inputs(tmp_path_factory: pytest.TempPathFactory, shared_data: Path) -> TinyRunInputs:
+    """Prepared data from 60 real German articles and a 512-token tokenizer, built once per session."""
+    from spikewalze_cli.config import load_config
+    from spikewalze_cli.data import prepare_data
+    from spikewalze_cli.tokenizer import build_tokenizer
+
+    root = tmp_path_factory.mktemp("tiny_run_inputs")
+    config = load_config(
+        None,
+        [
+            f"data.inputs=['{shared_data / 'dewiki-articles.parquet'}']",
+            "data.max_articles=60",
+            "data.num_proc=1",
+            f"data.out='{root / 'data'}'",
+            f"tokenizer.data='{root / 'data'}'",
+            f"tokenizer.out='{root / 'tokenizer'}'",
+            "tokenizer.vocab_size=512",
+        ],
+    )
+    prepare_data(config)
+    build_tokenizer(config)
+    return TinyRunInputs(root / "data", root / "tokenizer")
+
+
+# A model of about 30k parameters that trains a step in well under a second on one CPU thread.
+TINY_TRAIN_OVERRIDES = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.d_model=32",
+    "model.context=32",
+    "model.window=16",
+    "model.walze_width=8",
+    "model.spike.detector_hidden=8",
+    "train.batch_tokens=256",
+    "train.micro_batch_size=4",
+    "train.warmup_steps=2",
+    "train.max_steps=6",
+    "train.eval_interval=3",
+    "train.eval_batches=4",
+    "train.checkpoint_interval=3",
+    "train.log_interval=1",
+    "train.peak_flops=1.0e11",
+    "train.device=cpu",
+]
+
+
+@pytest.fixture
+def tiny_train_config(tiny_run_inputs: TinyRunInputs, tmp_path: Path):
+    """Return a factory of training configs for the tiny inputs, writing runs under tmp_path."""
+    from spikewalze_cli.config import Config, load_config
+
+    def make(*overrides: str, out: Path | None = None) -> Config:
+        paths = [
+            f"train.data='{tiny_run_inputs.data}'",
+            f"train.tokenizer='{tiny_run_inputs.tokenizer}'",
+            f"train.out='{out or tmp_path / 'run'}'",
+        ]
+        return load_config(None, [*TINY_TRAIN_OVERRIDES, *paths, *overrides])
+
+    return make

@@ -40,12 +40,13 @@ class MetricsLog:
             self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
     def write(self, record: dict[str, Any]) -> None:
+        record = _finite_or_none(record)
         with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
+            handle.write(json.dumps(record, allow_nan=False) + "\n")
         if self.writer is not None:
             prefix = record["kind"]
             for key, value in _flatten(record).items():
-                if isinstance(value, (int, float)) and key not in ("step", "kind"):
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "kind"):
                     self.writer.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def truncate_after(self, step: int) -> None:
@@ -58,6 +59,17 @@ class MetricsLog:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _finite_or_none(value: Any) -> Any:
+    """Replace NaN and infinities (not valid JSON) by None, recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite_or_none(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_finite_or_none(item) for item in value]
+    return value
 
 
 def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -132,7 +132,8 @@ class Trainer:
             path = save_checkpoint(self.run_dir, name or step_name(self.step), self.model, self.optimizer, self.state())
             if name is None:
                 prune_checkpoints(self.run_dir, self.config.train.keep_checkpoints)
-                self.last_saved_step = self.step
+        if name is None:
+            self.last_saved_step = self.step
         self.runtime.barrier()
         return path
 
@@ -179,7 +180,7 @@ class Trainer:
         else:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            log.warning("step %d: non-finite loss (%s); skipped the update (%d in a row)", self.step, loss, self.nonfinite_in_a_row)
+            log.warning("step %d: non-finite loss (%s); skipped the update (%d in a row)", self.step + 1, loss, self.nonfinite_in_a_row)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
 
