@@ -14,7 +14,7 @@ torch.set_num_threads(1)
 
 VOCAB = 512
 SEQ = 128
-# Window 16 holds exactly 4 spikes at rate 0.25 and 8 at rate 0.5, so the packed queries fill
+# Window 16 contains exactly 4 spikes at rate 0.25 and 8 at rate 0.5, so the packed queries fill
 # their slots and the expert's work is exactly rate times the dense work.
 SHAPE = dict(n_layer=2, n_head=2, d_model=64, context=SEQ, window=16, walze_kernel=3, walze_width=5)
 

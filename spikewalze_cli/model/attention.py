@@ -18,7 +18,7 @@ from spikewalze_cli.model.layers import RotaryEmbedding, apply_rotary
 def _key_blocks(x: torch.Tensor, window: int, n_blocks: int) -> torch.Tensor:
     """Cut keys or values [B, H, T, D] into overlapping blocks [B, n_blocks, H, 2 * window, D].
 
-    Block i holds positions (i - 1) * window .. (i + 1) * window - 1; positions outside 0..T-1
+    Block i contains positions (i - 1) * window .. (i + 1) * window - 1; positions outside 0..T-1
     are zeros, which the banded mask never lets a real query see.
     """
     B, H, T, D = x.shape

@@ -1,4 +1,4 @@
-"""What both architectures share: the output record, embeddings, the head and the loss."""
+"""Parts both architectures share: the output record, embeddings, the head and the loss."""
 
 from __future__ import annotations
 

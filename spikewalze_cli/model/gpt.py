@@ -47,7 +47,7 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._qkv(x.unsqueeze(1), torch.full((1,), position, device=x.device))
         cache["k"] = torch.cat((cache["k"], k), dim=2)
         cache["v"] = torch.cat((cache["v"], v), dim=2)
-        y = F.scaled_dot_product_attention(q, cache["k"], cache["v"])  # the one query sees every cached key
+        y = F.scaled_dot_product_attention(q, cache["k"], cache["v"])  # the one query attends to every cached key
         return self.out_proj(y.reshape(B, C))
 
 

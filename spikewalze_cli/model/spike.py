@@ -15,8 +15,8 @@ class SpikeDetector(nn.Module):
     Input: the normalized hidden state before the Walze and the Walze output, both [..., C].
     Output: the gate probability sigmoid((logit - threshold) / temperature), shape [...].
     The threshold is learned. It starts where the gate equals `target_rate` at the start
-    temperature, so training begins at the requested spike rate. The detector sees one token at
-    a time; its only history is what the causal Walze already mixed in.
+    temperature, so training begins at the requested spike rate. The detector scores one token at
+    a time, so its only history is what the causal Walze already mixed in.
     """
 
     def __init__(self, dim: int, hidden: int, target_rate: float, temperature_start: float):

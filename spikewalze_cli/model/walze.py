@@ -13,7 +13,7 @@ def walze_lags(kernel: int, width: int) -> list[int]:
 
     The original layer is a 3x3 circular convolution over tokens laid out row-major on a grid
     of width W. Its causal reading keeps the short lags 0..k-1 (the current row) and the lags
-    W-1, W and W+1 (the row above); taps into the future are dropped. W = 0 keeps only the
+    W-1, W and W+1 (the row above). Taps into the future are dropped. W = 0 keeps only the
     short lags, which is a plain causal convolution of size k.
     """
     lags = set(range(kernel))
@@ -58,8 +58,8 @@ class Walze(nn.Module):
     def step(self, x: torch.Tensor, buffer: torch.Tensor, position: int) -> torch.Tensor:
         """Return the output for one token x [B, C] at `position` and store x in `buffer`.
 
-        Slot `p % max_lag` of the ring buffer holds the input at position p. Slots of positions
-        before 0 have never been written, so they still hold the zeros of the left padding.
+        Slot `p % max_lag` of the ring buffer contains the input at position p. Slots of positions
+        before 0 have never been written, so they still contain the zeros of the left padding.
         """
         weight = self.weight.to(x.dtype)
         out = x * weight[:, 0]  # lag 0 is always a tap because kernel >= 1
