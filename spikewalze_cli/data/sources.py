@@ -105,11 +105,13 @@ def iter_articles(sources: list[Source], max_articles: int | None = None) -> Ite
     produced = 0
     for source in sources:
         readers = {"hub": _read_hub, "parquet": _read_table, "json": _read_table, "text": _read_text, "xml": _read_xml}
+        if max_articles is not None and produced >= max_articles:
+            return
         for article in readers[source.kind](source):
-            if max_articles is not None and produced >= max_articles:
-                return
-            produced += 1
             yield article
+            produced += 1
+            if max_articles is not None and produced >= max_articles:
+                return  # stop before the reader parses the next article
 
 
 def _rows_to_articles(source: Source, rows) -> Iterator[Article]:
