@@ -18,10 +18,10 @@ VOCAB = 97
 SMALL = dict(n_layer=2, n_head=2, d_model=32, context=64, window=8, walze_kernel=3, walze_width=5)
 
 
-def make_model(arch: str = "spikewalze", **spike) -> torch.nn.Module:
+def make_model(arch: str = "spikewalze", shape: dict | None = None, **spike) -> torch.nn.Module:
     """Build a small fp32 model; a learned detector is made decisive so hard mode spikes about half."""
     torch.manual_seed(0)
-    model = build_model(ModelConfig(arch=arch, **SMALL, spike=spike), VOCAB)
+    model = build_model(ModelConfig(arch=arch, **{**SMALL, **(shape or {})}, spike=spike), VOCAB)
     if arch == "spikewalze" and model.cfg.spike.mode == "learned":
         with torch.no_grad():
             for layer in model.layers:
@@ -97,6 +97,49 @@ def test_step_matches_forward(arch: str, spike: dict, override: float | None) ->
             assert torch.equal(gates, full.gates[:, :, t])
         else:
             assert gates is None
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        {"mlp_ratio": 0.0},
+        {"walze_kernel": 1, "walze_width": 0},
+        {"walze_kernel": 4, "walze_width": 2},
+        {"norm": "layernorm", "tie_embeddings": False},
+        {"window": 1},
+    ],
+)
+def test_step_matches_forward_variants(shape: dict) -> None:
+    model = make_model(shape=shape, expert="block").eval()
+    idx = tokens(2, 27)
+    with torch.no_grad():
+        full = model(idx, gate_mode="hard")
+    state = model.init_state(2, "cpu")
+    for t in range(idx.shape[1]):
+        logits, state, gates = model.step(idx[:, t], state)
+        assert torch.allclose(logits, full.logits[:, t], rtol=0, atol=1e-4), f"position {t}"
+        assert torch.equal(gates, full.gates[:, :, t])
+
+
+@pytest.mark.parametrize("length", [1, 7, 8, 9])
+def test_short_sequences_run(length: int) -> None:
+    model = make_model()
+    for gate_mode in ("soft", "hard"):
+        with torch.no_grad():
+            out = model(tokens(2, length), gate_mode=gate_mode)
+        assert out.logits.shape == (2, length, VOCAB)
+        assert torch.isfinite(out.logits).all()
+
+
+def test_dropout_only_in_training() -> None:
+    model = make_model(shape={"dropout": 0.2})
+    idx = tokens(2, 20)
+    with torch.no_grad():
+        first, second = model(idx).logits, model(idx).logits
+        model.eval()
+        third, fourth = model(idx).logits, model(idx).logits
+    assert not torch.equal(first, second)
+    assert torch.equal(third, fourth)
 
 
 def state_numel(state) -> int:
