@@ -19,6 +19,15 @@ from spikewalze_cli.training.metrics import read_records
 STEPS = 100
 CONTEXT = 32
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Train on one thread: the machine is shared, and results then do not depend on its core count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 
 def unit_scores_per_step(tokens: TokenStore, schedule: str, sequences_per_step: int = 8) -> np.ndarray:
     """Mean difficulty score (per token) of the units sampled at each of STEPS steps."""
@@ -48,7 +57,6 @@ def test_none_schedule_is_flat(tiny_run_inputs):
 
 
 def test_adaptive_admits_stages_during_training(tiny_train_config):
-    torch.set_num_threads(1)
     # A margin of 50% is never reached, so every second evaluation admits the next stage.
     config = tiny_train_config(
         "curriculum.schedule=adaptive",
