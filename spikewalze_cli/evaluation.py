@@ -19,6 +19,7 @@ are sums of nats, tokens and bytes, so the overall loss is the token-weighted me
 JSON written by `--json FILE` (figures are floats unless noted, null where they do not apply):
 
     target, checkpoint, step (int), arch, split, data_dir, tokenizer_dir, vocab_size (int)
+    settings: the effective `eval` config section
     results: one object per context length and gate mode, with
         context (int), gate_mode ("soft", "hard", or "none" for the gpt baseline, which has no gate)
         loss (nats per token), perplexity, bits_per_byte, tokens (int, scored), bytes (scored)
@@ -328,6 +329,7 @@ def evaluate(
         "data_dir": str(Path(data).resolve()) if data is not None else loaded.tokens.manifest["data_dir"],
         "tokenizer_dir": str(loaded.tokens.dir.resolve()),
         "vocab_size": loaded.tokens.vocab_size,
+        "settings": cfg.model_dump(mode="json"),
         "results": results,
         "gaps": _gaps(results, contexts),
     }
@@ -413,15 +415,24 @@ def _number(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _si(value: float | None) -> str:
+    """Format a count with an SI prefix: 1234567 -> 1.23M."""
+    if value is None:
+        return "-"
+    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.3g}{prefix}"
+    return f"{value:.3g}"
+
+
 def _print_report(report: dict) -> None:
     from rich.table import Table
 
-    title = f"{report['arch']} step {report['step']} on {report['split']} ({report['checkpoint']})"
-    table = Table(title=title, title_justify="left")
-    for name in ("context", "gate", "loss", "ppl", "bits/byte", "spike rate", "per layer", "GFLOP/tok", "dense", "tokens", "tok/s"):
-        table.add_column(name, justify="left" if name in ("gate", "per layer") else "right")
+    console.print(f"[dim]checkpoint {report['checkpoint']}[/]", highlight=False)
+    table = Table(title=f"{report['arch']} at step {report['step']}, {report['split']} split", title_justify="left")
+    for name in ("context", "gate", "loss", "ppl", "bpb", "spikes", "FLOP/tok", "dense", "tok/s"):
+        table.add_column(name, justify="left" if name == "gate" else "right")
     for r in report["results"]:
-        per_layer = " ".join(f"{rate:.2f}" for rate in r["spike_rate_per_layer"]) if r["spike_rate_per_layer"] else "-"
         table.add_row(
             str(r["context"]),
             r["gate_mode"],
@@ -429,16 +440,14 @@ def _print_report(report: dict) -> None:
             _number(r["perplexity"], 1),
             _number(r["bits_per_byte"]),
             _number(r["spike_rate"]),
-            per_layer,
-            _number(r["flops_per_token"] / 1e9, 4),
-            _number(r["flops_per_token_dense"] / 1e9, 4),
-            f"{r['tokens']:,}",
-            _number(r["tokens_per_second"], 0),
+            _si(r["flops_per_token"]),
+            _si(r["flops_per_token_dense"]),
+            _si(r["tokens_per_second"]),
         )
     console.print(table)
 
     stages = Table(title="per curriculum stage (A easiest)", title_justify="left")
-    for name in ("context", "gate", "stage", "loss", "bits/byte", "spike rate", "tokens"):
+    for name in ("context", "gate", "stage", "loss", "bpb", "spikes", "tokens"):
         stages.add_column(name, justify="left" if name in ("gate", "stage") else "right")
     for r in report["results"]:
         for stage, figures in r["per_stage"].items():
@@ -453,9 +462,13 @@ def _print_report(report: dict) -> None:
             )
     console.print(stages)
 
+    for r in report["results"]:
+        if r["spike_rate_per_layer"]:
+            rates = " ".join(f"{rate:.3f}" for rate in r["spike_rate_per_layer"])
+            console.print(f"spike rate per layer, context {r['context']}, {r['gate_mode']} gate: {rates}", highlight=False)
     for gap in report["gaps"]:
         console.print(
-            f"hard minus soft gate at context {gap['context']}: loss {_signed(gap['loss'])}, "
+            f"hard minus soft gate, context {gap['context']}: loss {_signed(gap['loss'])}, "
             f"bits/byte {_signed(gap['bits_per_byte'])}, spike rate {_signed(gap['spike_rate'])}",
             highlight=False,
         )
