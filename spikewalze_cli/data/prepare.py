@@ -221,6 +221,7 @@ def _progress():
         TimeElapsedColumn(),
         console=console,
         transient=False,
+        disable=not console.is_terminal,  # logs and pipes get the summary table instead
     )
 
 
@@ -521,7 +522,8 @@ def _finish(partial: Path, config: Config, sources: list[Source], summary: dict)
             "mwparserfromhell": mwparserfromhell.__version__,
             "pyphen": getattr(pyphen, "__version__", "unknown"),
         },
-        "config_hash": config_hash(data),
+        # Hash only the settings that shape the units, so the same input gives the same manifest.
+        "config_hash": config_hash(data.model_copy(update={"out": "", "num_proc": None})),
     }
     atomic_write_json(partial / "manifest.json", manifest)
 
