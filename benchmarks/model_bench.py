@@ -1,0 +1,227 @@
+"""`make bench`: Spike-Walze against the `gpt` baseline, side by side, written to docs/benchmarks.md.
+
+    python -m benchmarks.model_bench [--quick] [--quality-budget-s N] [--out docs] [--only a,b,...]
+
+Sections: a. training step cost against sequence length, b. generation time and state per token,
+c. the hard gate against forced spike rates, d. quality at an equal wall-clock budget, e. curriculum
+schedules at equal steps, f. training MFU, g. spike rate per curriculum stage (from d's learned
+model), h. our `gpt` against transformers' GPT2LMHeadModel. The default settings fit in about 45
+minutes on 2 CPU cores from a fresh clone, prepare-data and build-tokenizer included; `--quick`
+shrinks every size for a run of a few minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from benchmarks import quality, speed
+from benchmarks.common import Section, load_average, machine_info
+from benchmarks.report import now, write_page
+from spikewalze_cli.config import ModelConfig, load_config
+
+logger = logging.getLogger("benchmarks.model_bench")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_PARQUET = REPO.parent / "shared" / "data" / "dewiki-articles.parquet"
+ALL_SECTIONS = "abcdefgh"
+
+
+@dataclass
+class Settings:
+    """Sizes of every benchmark; `full()` is `make bench`, `quick()` is `make bench-quick`."""
+
+    mode: str
+    speed_config: Path  # model of sections a, b, c
+    mfu_config: Path  # model of sections f and h
+    model_overrides: dict = field(default_factory=dict)  # applied to both model configs (tests shrink them)
+    vocab_size: int | None = None  # null: tokenizer.vocab_size of speed_config
+    train_seq_lens: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
+    train_batch_tokens: int = 16384
+    train_repeats: int = 5
+    gen_positions: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192])
+    gen_timed_steps: int = 16
+    gate_batch: int = 4
+    gate_seq_len: int = 1024
+    gate_rates: list[float] = field(default_factory=lambda: [0.1, 0.25, 0.5, 1.0])
+    gate_repeats: int = 7
+    mfu_batch: int = 4
+    mfu_seq_len: int | None = None  # null: the mfu_config context
+    matmul_sizes: list[int] = field(default_factory=lambda: [512, 1024, 2048])
+    mfu_repeats: int = 3
+    quality_config: Path = REPO / "configs" / "tiny.yaml"
+    quality_max_articles: int | None = None
+    quality_vocab_size: int | None = None  # null: tokenizer.vocab_size of quality_config
+    quality_budget_s: float = 180.0
+    quality_overrides: list[str] = field(default_factory=list)
+    eval_overrides: list[str] = field(default_factory=lambda: ["eval.max_batches=40"])
+    curriculum_steps: int = 150
+    curriculum_evals: int = 6
+
+    @classmethod
+    def full(cls) -> Settings:
+        return cls(mode="full", speed_config=REPO / "configs" / "tiny.yaml", mfu_config=REPO / "configs" / "small.yaml")
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(
+            mode="quick",
+            speed_config=REPO / "configs" / "tiny.yaml",
+            mfu_config=REPO / "configs" / "tiny.yaml",
+            train_seq_lens=[256, 1024, 4096],
+            train_batch_tokens=4096,
+            train_repeats=3,
+            gen_positions=[128, 512, 2048],
+            gen_timed_steps=8,
+            gate_batch=2,
+            gate_seq_len=512,
+            gate_repeats=3,
+            mfu_batch=4,
+            matmul_sizes=[256, 512, 1024],
+            quality_max_articles=300,
+            quality_budget_s=30.0,
+            quality_overrides=["train.eval_batches=2", "train.log_interval=5"],
+            eval_overrides=["eval.max_batches=8"],
+            curriculum_steps=30,
+            curriculum_evals=3,
+        )
+
+
+def model_config(path: Path, overrides: dict) -> tuple[ModelConfig, int]:
+    config = load_config(path)
+    data = config.model.model_dump()
+    data.update(overrides)
+    return ModelConfig.model_validate(data), config.tokenizer.vocab_size
+
+
+def run_sections(settings: Settings, only: str, out_dir: Path, work_dir: Path) -> list[Section]:
+    img_dir = out_dir / "img"
+    speed_model, speed_vocab = model_config(settings.speed_config, settings.model_overrides)
+    mfu_model, mfu_vocab = model_config(settings.mfu_config, settings.model_overrides)
+    speed_vocab = settings.vocab_size or speed_vocab
+    mfu_vocab = settings.vocab_size or mfu_vocab
+    mfu_seq_len = settings.mfu_seq_len or mfu_model.context
+    speed_name, mfu_name = settings.speed_config.stem, settings.mfu_config.stem
+
+    jobs = {
+        "a": lambda: speed.bench_train_step(speed_model, speed_vocab, settings.train_seq_lens, settings.train_batch_tokens, settings.train_repeats, img_dir),
+        "b": lambda: speed.bench_generation(speed_model, speed_vocab, settings.gen_positions, settings.gen_timed_steps, speed_model.spike.target_rate, img_dir),
+        "c": lambda: speed.bench_hard_gate(speed_model, speed_vocab, settings.gate_batch, settings.gate_seq_len, settings.gate_rates, settings.gate_repeats, img_dir),
+        "f": lambda: speed.bench_mfu(mfu_model, mfu_name, mfu_vocab, settings.mfu_batch, mfu_seq_len, settings.matmul_sizes, settings.mfu_repeats),
+        "h": lambda: speed.bench_hf_baseline(mfu_model, mfu_name, mfu_vocab, settings.mfu_batch, mfu_seq_len, settings.mfu_repeats),
+    }
+    sections: dict[str, Section] = {}
+    for key in "abcfh":
+        if key in only:
+            sections[key] = timed(jobs[key], key)
+
+    if any(key in only for key in "deg"):
+        start = time.perf_counter()
+        corpus = quality.prepare_corpus(
+            work_dir, settings.quality_config, SHARED_PARQUET, settings.quality_max_articles,
+            settings.quality_vocab_size or load_config(settings.quality_config).tokenizer.vocab_size,
+        )
+        logger.info("prepare-data and build-tokenizer: %.0f s", corpus.seconds)
+        if "d" in only or "g" in only:
+            overrides = [*settings.quality_overrides, *[f"model.{k}={v}" for k, v in settings.model_overrides.items()]]
+            quality_section, stage_section = quality.bench_quality(
+                corpus, settings.quality_config, work_dir, settings.quality_budget_s, overrides, settings.eval_overrides, img_dir
+            )
+            quality_section.seconds = time.perf_counter() - start
+            if corpus.seconds:
+                quality_section.notes.append(f"prepare-data and build-tokenizer took {corpus.seconds:.0f} s of this section (cached for later runs).")
+            sections["d"] = quality_section
+            sections["g"] = stage_section
+        if "e" in only:
+            overrides = [*settings.quality_overrides, *[f"model.{k}={v}" for k, v in settings.model_overrides.items()]]
+            sections["e"] = timed(
+                lambda: quality.bench_curriculum(corpus, settings.quality_config, work_dir, settings.curriculum_steps, settings.curriculum_evals, overrides, img_dir),
+                "e",
+            )
+    return [sections[key] for key in ALL_SECTIONS if key in sections]
+
+
+def timed(job, key: str) -> Section:
+    logger.info("section %s ...", key)
+    start = time.perf_counter()
+    section = job()
+    section.seconds = time.perf_counter() - start
+    logger.info("section %s done in %.0f s", key, section.seconds)
+    return section
+
+
+def load_note(before: str) -> str:
+    threads = torch.get_num_threads()
+    try:
+        busy = float(before.split(",")[0]) >= 0.5
+    except ValueError:
+        busy = False
+    if busy:
+        return (
+            f"Other processes were running when the run started, so the machine was shared and absolute timings are "
+            f"noisier than on an idle machine ({threads} torch threads); ratios measured side by side are less affected."
+        )
+    return f"The machine was idle when the run started ({threads} torch threads)."
+
+
+def run_benchmarks(settings: Settings, only: str, out_dir: Path, work_dir: Path, command: str, page: str = "benchmarks.md") -> list[Section]:
+    """Run the chosen sections, then write the page, its plots and work_dir/results.json."""
+    before = load_average()
+    start = time.perf_counter()
+    sections = run_sections(settings, only, out_dir, work_dir)
+    run = {
+        "command": command,
+        "date": now(),
+        "mode": settings.mode,
+        "minutes": (time.perf_counter() - start) / 60,
+        "machine": machine_info(),
+        "load_before": before,
+        "load_after": load_average(),
+        "load_note": load_note(before),
+        "settings": dataclasses.asdict(settings),
+    }
+    write_page(out_dir / page, sections, run)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    results = {"run": run, "sections": [dataclasses.asdict(section) for section in sections]}
+    (work_dir / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+    logger.info("wrote %s in %.1f min", out_dir / page, run["minutes"])
+    return sections
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.model_bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="Smaller sizes and a 30 s quality budget (a few minutes in all).")
+    parser.add_argument("--quality-budget-s", type=float, default=None, help="Training seconds per model in section d.")
+    parser.add_argument("--out", type=Path, default=REPO / "docs", help="Folder of benchmarks.md and img/ (default: docs).")
+    parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench", help="Cache of data, tokenizer and runs.")
+    parser.add_argument("--only", default=ALL_SECTIONS, help="Sections to run, for example 'abc' (default: all).")
+    parser.add_argument("--page", default="benchmarks.md", help="File name of the page inside --out.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+
+    settings = Settings.quick() if args.quick else Settings.full()
+    if args.quality_budget_s is not None:
+        settings.quality_budget_s = args.quality_budget_s
+    unknown = set(args.only) - set(ALL_SECTIONS)
+    if unknown:
+        parser.error(f"--only: unknown sections {''.join(sorted(unknown))}; choose from {ALL_SECTIONS}")
+    if any(key in args.only for key in "deg") and not SHARED_PARQUET.is_file():
+        parser.error(f"sections d, e and g need the German Wikipedia parquet at {SHARED_PARQUET}; run --only abcfh without it")
+
+    command = " ".join(["python -m benchmarks.model_bench", *(sys.argv[1:] if argv is None else argv)])
+    run_benchmarks(settings, args.only, args.out, args.work_dir, command, args.page)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
