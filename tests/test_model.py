@@ -312,6 +312,19 @@ def test_bf16_autocast_runs(arch: str, gate_mode: str) -> None:
     assert abs(out.loss.item() - reference.item()) < 0.05
 
 
+@pytest.mark.parametrize("arch", ["spikewalze", "gpt"])
+def test_bf16_autocast_step_matches_forward(arch: str) -> None:
+    model = make_model(arch, expert="block").eval()
+    idx = tokens(2, 20)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = model(idx, gate_mode="hard").logits
+        state = model.init_state(2, "cpu")
+        for t in range(idx.shape[1]):
+            logits, state, _ = model.step(idx[:, t], state)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, full[:, -1], rtol=0, atol=0.02)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ["spikewalze", "gpt"])
 def test_compiled_model_matches_eager(arch: str) -> None:
