@@ -95,6 +95,7 @@ class GPT(CausalLM):
         """Accept and ignore a gate override: every token runs full attention."""
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, gate_mode: str = "soft") -> ModelOutput:
+        """Run idx [B, T] through all layers; gate_mode is accepted for the shared API and ignored."""
         self._check_input(idx)
         x = self.drop(self.embed(idx))
         for layer in self.layers:

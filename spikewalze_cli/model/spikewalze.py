@@ -28,6 +28,8 @@ class SpikeWalzeLayer(nn.Module):
     Soft mode computes both paths for every token and mixes them. Hard mode spikes the tokens with
     g >= 0.5 and runs the query projection, scores, output projection (and the feed-forward with
     `block`) for those tokens only; the others take the Walze output.
+    NOTE: the hard gate is a 0/1 step, so in hard mode the detector learns only from the
+    spike-rate regularizer. Train in soft mode.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -170,6 +172,7 @@ class SpikeWalzeLM(CausalLM):
         self.gate_override = None if rate is None else float(rate)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, gate_mode: str = "soft") -> ModelOutput:
+        """Run idx [B, T] through all layers with the soft or the hard gate; see ModelOutput."""
         self._check_input(idx)
         if gate_mode not in GATE_MODES:
             raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
