@@ -30,6 +30,7 @@ test-fast: install
 demo: install
 	$(BIN)/spikewalze prepare-data --config $(CONFIG) $(INPUT_FLAGS) $(LIMIT_FLAGS) --out $(RUN)/data
 	$(BIN)/spikewalze build-tokenizer --config $(CONFIG) --data $(RUN)/data --out $(RUN)/tokenizer
+	$(BIN)/spikewalze train --config $(CONFIG) --data $(RUN)/data --tokenizer $(RUN)/tokenizer --out $(RUN)/train
 
 bench-data: install
 	$(BIN)/python -m benchmarks.data_bench

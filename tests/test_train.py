@@ -185,3 +185,24 @@ def test_two_processes_match_one(tiny_train_config, tiny_run_inputs, tmp_path: P
     assert result.returncode == 0, result.stderr[-3000:]
     assert [record["step"] for record in train_records(pair)] == list(range(1, 8))
     verify_checkpoint(checkpoint(pair, 7))
+
+
+def test_unigram_baseline_matches_direct_count(tiny_run_inputs):
+    from collections import Counter
+
+    from spikewalze_cli.tokenizer import TokenStore
+    from spikewalze_cli.training.metrics import unigram_bits_per_byte
+
+    tokens = TokenStore(tiny_run_inputs.tokenizer)
+    counts = Counter()
+    for stage in tokens.stages:
+        counts.update(tokens.tokens("train", stage).tolist())
+    total = sum(counts.values()) + tokens.vocab_size
+    bits, num_bytes = 0.0, 0
+    for stage in tokens.stages:
+        for token in tokens.tokens("validation", stage).tolist():
+            bits -= math.log2((counts[token] + 1) / total)
+        num_bytes += int(tokens.units("validation", stage)["bytes"].sum())
+
+    assert unigram_bits_per_byte(tokens) == pytest.approx(bits / num_bytes, rel=1e-9)
+    assert 1.0 < bits / num_bytes < 8.0

@@ -38,7 +38,8 @@ def train(config: Config) -> Path:
         trainer = Trainer(config, run_dir, inputs, runtime)
         if runtime.is_main:
             write_effective_config(config, run_dir)
-            atomic_write_json(run_dir / RUN_FILE, {**inputs.describe(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            atomic_write_json(run_dir / RUN_FILE, {**inputs.describe(), "unigram_validation_bpb": trainer.unigram_bpb, "created": created})
             atomic_write_text(run_dir / METRICS_FILE, "")
         runtime.barrier()
         return trainer.fit()

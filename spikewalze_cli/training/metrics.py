@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from spikewalze_cli.errors import UserError
@@ -24,6 +25,25 @@ PLOT_FILE = "curves.png"
 def bits_per_byte(loss_nats: float, tokens: float, num_bytes: float) -> float:
     """Convert a mean loss in nats per token to bits per UTF-8 byte of the text."""
     return loss_nats * tokens / (num_bytes * math.log(2)) if num_bytes > 0 else float("nan")
+
+
+def unigram_bits_per_byte(tokens: Any) -> float:
+    """Return the validation bits per byte of a unigram model of the training tokens.
+
+    Token frequencies are counted over every training stage with add-one smoothing, then applied
+    to every validation token. This is the floor any language model should beat.
+    """
+    counts = np.ones(tokens.vocab_size, dtype=np.float64)
+    for stage in tokens.stages:
+        counts += np.bincount(np.asarray(tokens.tokens("train", stage)), minlength=tokens.vocab_size)[: tokens.vocab_size]
+    log_probability = np.log(counts / counts.sum())
+
+    nats, num_bytes = 0.0, 0
+    for stage in tokens.stages:
+        ids = np.asarray(tokens.tokens("validation", stage))
+        nats -= float(log_probability[ids].sum())
+        num_bytes += int(tokens.units("validation", stage)["bytes"].sum())
+    return nats / (num_bytes * math.log(2)) if num_bytes else float("nan")
 
 
 class MetricsLog:

@@ -26,7 +26,7 @@ from spikewalze_cli.errors import UserError
 from spikewalze_cli.training.batches import TrainBatches, validation_batches
 from spikewalze_cli.training.curriculum import Curriculum
 from spikewalze_cli.training.inputs import RunInputs
-from spikewalze_cli.training.metrics import MetricsLog, bits_per_byte, measure_peak_flops, plot_run
+from spikewalze_cli.training.metrics import MetricsLog, bits_per_byte, measure_peak_flops, plot_run, unigram_bits_per_byte
 from spikewalze_cli.training.optim import build_optimizer, learning_rate
 from spikewalze_cli.training.runtime import Runtime, StopSignal, rng_state, set_rng_state
 
@@ -83,6 +83,8 @@ class Trainer:
         validation = validation_batches(inputs.tokens, context, train.micro_batch_size, train.eval_batches, VALIDATION_SEED)
         self.validation = validation[runtime.rank :: runtime.world]  # disjoint share per rank
         self.stages = inputs.tokens.stages
+        self.unigram_bpb = unigram_bits_per_byte(inputs.tokens) if runtime.is_main else None
+        self.last_validation: dict[str, Any] | None = None
 
         self.autocast = torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=train.precision == "bf16")
         self.step = 0
@@ -323,10 +325,16 @@ class Trainer:
             metrics.close()
             plot = plot_run(self.run_dir)
             log.info("done: step %d, checkpoints in %s, curves in %s", self.step, self.run_dir / "checkpoints", plot)
+            if self.last_validation is not None:
+                log.info(
+                    "validation: %.4f bits per byte (a unigram model of the training tokens: %.4f)",
+                    self.last_validation["bpb"], self.unigram_bpb,
+                )
         return self.run_dir
 
     def _validate_and_keep_best(self, metrics: MetricsLog | None, display: _Display) -> None:
         record = self.validate()
+        self.last_validation = record
         admitted = self.curriculum.observe_validation({s: v["loss"] for s, v in record["stages"].items()}, self.stages)
         record["curriculum"] = dict(self.curriculum.state)
         if admitted is not None:
