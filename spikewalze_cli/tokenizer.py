@@ -321,14 +321,30 @@ def build_tokenizer(config: Config) -> Path:
     data_dir = Path(cfg.data or config.data.out).resolve()
     out_dir = Path(cfg.out).resolve()
     units = open_units(data_dir)
-    stages = sorted(units.unique("stage"))
     _check_replaceable(out_dir)
 
     # Build in a hidden sibling; a leftover from a killed run is removed, so a rerun starts over.
     partial = out_dir.with_name(f".{out_dir.name}.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    (partial / "tokens").mkdir(parents=True)
+    try:
+        shutil.rmtree(partial, ignore_errors=True)
+        (partial / "tokens").mkdir(parents=True)
+        manifest = _build_into(partial, config, units, data_dir)
+        _publish(partial, out_dir)
+    except OSError as error:
+        raise UserError(
+            f"failed to build {out_dir}: {error.strerror or error} ({error.filename}); "
+            "check free space and that the output's parent directory is writable"
+        ) from None
 
+    _print_summary(manifest)
+    log.info("tokenizer written to %s", out_dir)
+    return out_dir
+
+
+def _build_into(partial: Path, config: Config, units, data_dir: Path) -> dict:
+    """Train, tokenize and write every file into `partial`, manifest.json last; return the manifest."""
+    cfg = config.tokenizer
+    stages = sorted(units.unique("stage"))
     tokenizer, bpe_units = train_tokenizer(units, cfg)
     tokenizer.save(str(partial / "tokenizer.json"))
     _write_transformers_config(partial)
@@ -366,11 +382,7 @@ def build_tokenizer(config: Config) -> Path:
         "versions": _versions(),
     }
     atomic_write_json(partial / "manifest.json", manifest)
-    _publish(partial, out_dir)
-
-    _print_summary(manifest)
-    log.info("tokenizer written to %s", out_dir)
-    return out_dir
+    return manifest
 
 
 def _check_replaceable(out_dir: Path) -> None:

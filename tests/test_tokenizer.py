@@ -362,3 +362,11 @@ def test_vocab_larger_than_corpus_allows(data_dir: Path, tmp_path: Path, caplog)
     assert store.vocab_size == store.tokenizer.get_vocab_size()
     assert store.dtype == np.uint16
     assert "BPE stopped at" in caplog.text
+
+
+def test_unwritable_output_is_user_error(data_dir: Path, tmp_path: Path):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("kein Verzeichnis")
+
+    with pytest.raises(UserError, match=r"failed to build .*file.txt/tok"):
+        build_tokenizer(tiny_config(data_dir, blocker / "tok"))
