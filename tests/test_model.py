@@ -221,6 +221,15 @@ def test_soft_forward_trains_every_part() -> None:
         assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("arch", ["spikewalze", "gpt"])
+def test_invalid_input_raises(arch: str) -> None:
+    model = make_model(arch)
+    with pytest.raises(ValueError, match="gate_mode"):
+        model(tokens(1, 4), gate_mode="sharp")
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        model(tokens(1, 4)[0])
+
+
 def test_loss_ignores_masked_targets() -> None:
     model = make_model()
     idx = tokens(1, 12)

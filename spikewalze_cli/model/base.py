@@ -11,6 +11,8 @@ from torch import nn
 from spikewalze_cli.config import ModelConfig
 from spikewalze_cli.model.layers import make_norm
 
+GATE_MODES = ("soft", "hard")
+
 
 @dataclass
 class ModelOutput:
@@ -45,9 +47,11 @@ class CausalLM(nn.Module):
         """Return the number of distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
-    def _check_input(self, idx: torch.Tensor) -> None:
+    def _check_input(self, idx: torch.Tensor, gate_mode: str) -> None:
         if idx.dim() != 2:
             raise ValueError(f"idx must have shape [B, T], got {tuple(idx.shape)}")
+        if gate_mode not in GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
 
     def _output(self, x: torch.Tensor, targets: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Return logits [B, T, V] (float32) of hidden states x [B, T, C], and the loss for targets."""

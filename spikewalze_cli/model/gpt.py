@@ -96,7 +96,7 @@ class GPT(CausalLM):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, gate_mode: str = "soft") -> ModelOutput:
         """Run idx [B, T] through all layers; gate_mode is accepted for the shared API and ignored."""
-        self._check_input(idx)
+        self._check_input(idx, gate_mode)
         x = self.drop(self.embed(idx))
         for layer in self.layers:
             x = layer(x)

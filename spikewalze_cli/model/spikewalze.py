@@ -14,8 +14,6 @@ from spikewalze_cli.model.layers import MLP, init_weights, make_norm, mlp_hidden
 from spikewalze_cli.model.spike import SpikeDetector, forced_gate
 from spikewalze_cli.model.walze import Walze
 
-GATE_MODES = ("soft", "hard")
-
 
 class SpikeWalzeLayer(nn.Module):
     """One pre-norm residual layer. Input x [B, T, C] -> output [B, T, C], gate [B, T].
@@ -173,9 +171,7 @@ class SpikeWalzeLM(CausalLM):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *, gate_mode: str = "soft") -> ModelOutput:
         """Run idx [B, T] through all layers with the soft or the hard gate; see ModelOutput."""
-        self._check_input(idx)
-        if gate_mode not in GATE_MODES:
-            raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+        self._check_input(idx, gate_mode)
         hard = gate_mode == "hard"
 
         x = self.drop(self.embed(idx))
