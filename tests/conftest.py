@@ -84,3 +84,38 @@ def tiny_train_config(tiny_run_inputs: TinyRunInputs, tmp_path: Path):
         return load_config(None, [*TINY_TRAIN_OVERRIDES, *paths, *overrides])
 
     return make
+
+
+# Trained runs for evaluate and generate: 30 steps of a 64-wide model, a few seconds each.
+TRAINED_RUN_OVERRIDES = [
+    "model.d_model=64",
+    "model.context=64",
+    "train.batch_tokens=512",
+    "train.micro_batch_size=8",
+    "train.warmup_steps=3",
+    "train.max_steps=30",
+    "train.eval_interval=30",
+    "train.eval_batches=2",
+    "train.checkpoint_interval=30",
+    "train.log_interval=10",
+]
+
+
+def _train_tiny_run(inputs: TinyRunInputs, out: Path, *overrides: str) -> Path:
+    from spikewalze_cli.config import load_config
+    from spikewalze_cli.training import train
+
+    paths = [f"train.data='{inputs.data}'", f"train.tokenizer='{inputs.tokenizer}'", f"train.out='{out}'"]
+    return train(load_config(None, [*TINY_TRAIN_OVERRIDES, *TRAINED_RUN_OVERRIDES, *paths, *overrides]))
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_run(tiny_run_inputs: TinyRunInputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Spike-Walze run directory trained for 30 steps on the tiny inputs, built once per session."""
+    return _train_tiny_run(tiny_run_inputs, tmp_path_factory.mktemp("trained") / "run")
+
+
+@pytest.fixture(scope="session")
+def tiny_trained_gpt_run(tiny_run_inputs: TinyRunInputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The gpt baseline trained the same way."""
+    return _train_tiny_run(tiny_run_inputs, tmp_path_factory.mktemp("trained-gpt") / "run", "model.arch=gpt")

@@ -135,49 +135,6 @@ def test_inference_config_validates_values():
 # ----------------------------------------------------------------------------------------------
 # A real trained run
 
-# About 70k parameters: 30 optimizer steps take a few seconds on one CPU thread.
-TRAIN_OVERRIDES = [
-    "model.n_layer=2",
-    "model.n_head=2",
-    "model.d_model=64",
-    "model.context=64",
-    "model.window=16",
-    "model.walze_width=8",
-    "model.spike.detector_hidden=8",
-    "train.batch_tokens=512",
-    "train.micro_batch_size=8",
-    "train.warmup_steps=3",
-    "train.max_steps=30",
-    "train.eval_interval=30",
-    "train.eval_batches=2",
-    "train.checkpoint_interval=30",
-    "train.log_interval=10",
-    "train.peak_flops=1.0e11",
-    "train.device=cpu",
-]
-
-
-def train_tiny_run(inputs, out: Path, *extra: str) -> Path:
-    from spikewalze_cli.config import load_config
-    from spikewalze_cli.training import train
-
-    paths = [f"train.data='{inputs.data}'", f"train.tokenizer='{inputs.tokenizer}'", f"train.out='{out}'"]
-    return train(load_config(None, [*TRAIN_OVERRIDES, *paths, *extra]))
-
-
-@pytest.fixture(scope="session")
-def tiny_trained_run(tiny_run_inputs, tmp_path_factory) -> Path:
-    """A Spike-Walze run trained for 30 steps on the tiny real German inputs."""
-    return train_tiny_run(tiny_run_inputs, tmp_path_factory.mktemp("spikewalze") / "run")
-
-
-@pytest.fixture(scope="session")
-def tiny_trained_gpt_run(tiny_run_inputs, tmp_path_factory) -> Path:
-    """The gpt baseline trained the same way."""
-    return train_tiny_run(tiny_run_inputs, tmp_path_factory.mktemp("gpt") / "run", "model.arch=gpt")
-
-
-
 def independent_stage_loss(model, unit_ids: list[list[int]], doc_id: int, context: int, gate_mode: str) -> tuple[float, int]:
     """Return (summed cross-entropy in nats, targets) of one stage, computed without evaluation.py."""
     ids = [doc_id]
