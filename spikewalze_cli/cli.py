@@ -222,6 +222,10 @@ def generate_command(
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature; 0 is greedy. Default: generate.temperature (0.8).", show_default=False)] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Keep the k most likely tokens. Default: generate.top_k (50).", show_default=False)] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus mass in (0, 1]. Default: generate.top_p (0.95).", show_default=False)] = None,
+    repetition_penalty: Annotated[
+        Optional[float],
+        typer.Option(help="Penalty >= 1 for tokens already seen; 1 disables it. Default: generate.repetition_penalty (1.1).", show_default=False),
+    ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed. Default: generate.seed (0).", show_default=False)] = None,
     show_spikes: Annotated[bool, typer.Option("--show-spikes", help="Colour each token by how many layers ran the expert.")] = False,
     config: ConfigOption = None,
@@ -239,6 +243,7 @@ def generate_command(
             "temperature": temperature,
             "top_k": top_k,
             "top_p": top_p,
+            "repetition_penalty": repetition_penalty,
             "seed": seed,
         }
         overrides += [f"generate.{key}={value}" for key, value in sampling.items() if value is not None]

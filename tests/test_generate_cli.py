@@ -159,6 +159,7 @@ def test_empty_prompt_is_an_error(tiny_trained_run: Path, prompt: str):
         ("--top-p", "1.5", "generate.top_p"),
         ("--top-k", "0", "generate.top_k"),
         ("--max-new-tokens", "0", "generate.max_new_tokens"),
+        ("--repetition-penalty", "0.5", "generate.repetition_penalty"),
     ],
 )
 def test_invalid_sampling_values(tiny_trained_run: Path, flag: str, value: str, key: str):
