@@ -378,7 +378,8 @@ def _build_into(partial: Path, config: Config, units, data_dir: Path) -> dict:
         "bytes_per_token": validation["bytes_per_token"],
         "validation": validation,
         "bpe_training_units": bpe_units,
-        "config_hash": config_hash(cfg),
+        # Hash of the settings alone, so the same settings give the same hash in any directory.
+        "config_hash": config_hash(cfg.model_copy(update={"data": None, "out": ""})),
         "versions": _versions(),
     }
     atomic_write_json(partial / "manifest.json", manifest)

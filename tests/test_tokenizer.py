@@ -10,6 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spikewalze_cli import tokenizer as tokmod
 from spikewalze_cli.config import load_config
@@ -182,6 +184,17 @@ def test_round_trip_unseen_bytes(tok_dir: Path):
     assert store.tokenizer.decode(ids) == unicodedata.normalize("NFC", text)
 
 
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(max_size=200))
+def test_round_trip_any_nfc_text(tok_dir: Path, text: str):
+    store = TokenStore(tok_dir)
+    text = unicodedata.normalize("NFC", text)
+
+    ids = store.tokenizer.encode(text).ids
+
+    assert store.tokenizer.decode(ids, skip_special_tokens=False) == text
+
+
 def test_non_nfc_input_decodes_as_nfc(tok_dir: Path):
     """NFC normalization is part of encoding, so only NFC text (what prepare-data writes) round-trips."""
     store = TokenStore(tok_dir)
@@ -231,6 +244,7 @@ def test_same_input_same_bytes(tok_dir: Path, data_dir: Path, tmp_path: Path):
     again = build_tokenizer(tiny_config(data_dir, tmp_path / "again"))
 
     assert tree_digest(again) == tree_digest(tok_dir)
+    assert TokenStore(again).manifest["config_hash"] == TokenStore(tok_dir).manifest["config_hash"]
 
 
 def test_rerun_after_kill_is_identical(tok_dir: Path, data_dir: Path, tmp_path: Path, monkeypatch):
