@@ -255,7 +255,9 @@ def tokenize_units(units, tokenizer, tokens_dir: Path, stages: list[str], batch_
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     dtype = token_dtype(tokenizer.get_vocab_size())
-    writers = {(split, stage): TokenWriter(tokens_dir, f"{split}-{stage}", dtype) for split in SPLITS for stage in stages}
+    writers = {
+        (split, stage): TokenWriter(tokens_dir, f"{split}-{stage}", dtype) for split in SPLITS for stage in stages
+    }
     stats = ValidationStats()
     # Wikipedia text that contains "<|doc|>" literally is encoded as plain bytes, not as the boundary.
     tokenizer.encode_special_tokens = True
@@ -267,7 +269,7 @@ def tokenize_units(units, tokenizer, tokens_dir: Path, stages: list[str], batch_
         TextColumn("tokenizing"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("units {task.fields[rate]}"),
+        TextColumn("units, {task.fields[rate]}"),
         TimeElapsedColumn(),
         console=console,
         disable=not console.is_terminal,
@@ -287,7 +289,8 @@ def tokenize_units(units, tokenizer, tokens_dir: Path, stages: list[str], batch_
                     [batch["article_id"][i] for i in validation],
                 )
 
-            for text, split, stage, score, unit_ids in zip(batch["text"], batch["split"], batch["stage"], batch["score"], ids):
+            rows = zip(batch["text"], batch["split"], batch["stage"], batch["score"], ids)
+            for text, split, stage, score, unit_ids in rows:
                 num_bytes = len(text.encode("utf-8"))
                 writers[(split, stage)].append(unit_ids, num_bytes, score)
                 total_bytes += num_bytes
@@ -298,7 +301,9 @@ def tokenize_units(units, tokenizer, tokens_dir: Path, stages: list[str], batch_
             progress.update(task, advance=len(ids), rate=f"{total_bytes / 1e6 / max(seconds, 1e-9):.1f} MB/s")
 
     seconds = time.perf_counter() - start
-    log.info("tokenized %d units (%.1f MB) in %.1f s: %.2f MB/s", len(units), total_bytes / 1e6, seconds, total_bytes / 1e6 / max(seconds, 1e-9))
+    megabytes = total_bytes / 1e6
+    rate = megabytes / max(seconds, 1e-9)
+    log.info("tokenized %d units (%.1f MB) in %.1f s: %.2f MB/s", len(units), megabytes, seconds, rate)
 
     counts: dict[str, dict[str, dict[str, int]]] = {split: {} for split in SPLITS}
     for (split, stage), writer in writers.items():
@@ -440,7 +445,8 @@ def _print_summary(manifest: dict) -> None:
     for split, stages in manifest["counts"].items():
         for stage, count in stages.items():
             per_token = f"{count['bytes'] / count['tokens']:.2f}" if count["tokens"] else "-"
-            table.add_row(split, stage, f"{count['units']:,}", f"{count['tokens']:,}", f"{count['bytes'] / 1e6:.2f}", per_token)
+            megabytes = f"{count['bytes'] / 1e6:.2f}"
+            table.add_row(split, stage, f"{count['units']:,}", f"{count['tokens']:,}", megabytes, per_token)
     console.print(table)
 
     validation = manifest["validation"]
@@ -476,7 +482,8 @@ class TokenStore:
             raise UserError(f"tokenizer directory {self.dir} is incomplete (no manifest.json); {rerun} again")
         self.manifest: dict = read_json(self.dir / "manifest.json", "tokenizer manifest")
         if self.manifest.get("format") != MANIFEST_FORMAT:
-            raise UserError(f"{self.dir / 'manifest.json'} has format {self.manifest.get('format')!r}, expected {MANIFEST_FORMAT}; {rerun}")
+            found = self.manifest.get("format")
+            raise UserError(f"{self.dir / 'manifest.json'} has format {found!r}, expected {MANIFEST_FORMAT}; {rerun}")
 
         tokenizer_path = self.dir / "tokenizer.json"
         if not tokenizer_path.is_file() or sha256_file(tokenizer_path) != self.manifest["tokenizer_sha256"]:
