@@ -255,7 +255,7 @@ class Generator:
             device=self.device,
             max_cache=self.max_cache,
         ):
-            style = "default"
+            style = ""
             if token.gates is not None:
                 gate_rows.append(token.gates)
                 if self.show_spikes:

@@ -206,3 +206,29 @@ def test_tokenizer_that_does_not_match(tiny_trained_run: Path, tiny_run_inputs, 
     (checkpoint / "manifest.json").write_text(json.dumps(checkpoint_manifest))
 
     assert_one_line_error(generate(str(checkpoint), "--prompt", PROMPT), "tokenizer", "not the one")
+
+
+def test_interactive_loop(tiny_trained_run: Path, monkeypatch, capsys):
+    from spikewalze_cli import generation
+    from spikewalze_cli.checkpoint import load_for_inference
+    from spikewalze_cli.config import GenerateConfig
+
+    # What a user types: a prompt, Ctrl-C at the prompt, blank and control-only lines, a prompt, Ctrl-D.
+    typed = iter(["Die Stadt Aachen", KeyboardInterrupt(), "   ", "\x00\x01", "Berlin", EOFError()])
+
+    def fake_input(prompt: str = "") -> str:
+        entry = next(typed)
+        if isinstance(entry, BaseException):
+            raise entry
+        return entry
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    loaded = load_for_inference(tiny_trained_run)
+    session = generation.Generator(loaded, GenerateConfig(temperature=0.0, max_new_tokens=6), torch.device("cpu"), False)
+    generation._interactive(session)
+
+    captured = capsys.readouterr()
+    assert captured.err.count("tokens/s") == 2
+    assert "prompt is empty" in captured.err
+    assert "Die Stadt" not in captured.out  # typed prompts are not echoed
+    assert captured.out.count("\n") == 2
