@@ -31,6 +31,8 @@ demo: install
 	$(BIN)/spikewalze prepare-data --config $(CONFIG) $(INPUT_FLAGS) $(LIMIT_FLAGS) --out $(RUN)/data
 	$(BIN)/spikewalze build-tokenizer --config $(CONFIG) --data $(RUN)/data --out $(RUN)/tokenizer
 	$(BIN)/spikewalze train --config $(CONFIG) --data $(RUN)/data --tokenizer $(RUN)/tokenizer --out $(RUN)/train
+	$(BIN)/spikewalze evaluate $(RUN)/train --json $(RUN)/evaluation.json
+	$(BIN)/spikewalze generate $(RUN)/train --prompt "Die Stadt Aachen"
 
 bench-data: install
 	$(BIN)/python -m benchmarks.data_bench
