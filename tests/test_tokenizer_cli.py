@@ -113,3 +113,38 @@ def test_prepare_data_then_build_tokenizer(shared_data: Path, tmp_path: Path):
                 assert store.tokenizer.decode(ids, skip_special_tokens=False) == text
     assert store.manifest["validation"]["round_trip_failures"] == 0
     assert 1.0 < store.manifest["bytes_per_token"] < 4.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase_marker", [".tok.partial", ".tok.partial/tokenizer.json"], ids=["training", "tokenizing"])
+def test_sigkill_then_rerun_is_identical(shared_data: Path, tmp_path: Path, phase_marker: str):
+    """SIGKILL a real build-tokenizer process while it trains or tokenizes, then rerun it."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_tokenizer import tree_digest
+
+    data_dir = write_data_dir(tmp_path / "data", shared_data / "dewiki-articles.parquet", articles=120)
+    reference = tmp_path / "reference"
+    flags = ["--data", str(data_dir), "--set", "tokenizer.vocab_size=2000"]
+    assert run_cli(*flags, "--out", str(reference)).exit_code == 0
+
+    out = tmp_path / "tok"
+    command = [sys.executable, "-m", "spikewalze_cli", "build-tokenizer", *flags, "--out", str(out)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while process.poll() is None and not (tmp_path / phase_marker).exists():
+        time.sleep(0.005)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+
+    assert process.returncode == -signal.SIGKILL, "the build finished before the kill"
+    assert not out.exists()
+    assert (tmp_path / ".tok.partial").is_dir()
+    assert not (tmp_path / ".tok.partial" / "manifest.json").exists()
+
+    assert run_cli(*flags, "--out", str(out)).exit_code == 0
+    assert tree_digest(out) == tree_digest(reference)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "reference", "tok"]
