@@ -2,19 +2,23 @@
 
 Each curriculum stage of the chosen split is evaluated on its own token stream: `<|doc|>`, then
 every unit of that stage in dataset order, each followed by `<|doc|>`, the way training packs its
-sequences. A stream of N tokens is cut into windows of `context` input tokens with stride
-`context`, so every token except the leading `<|doc|>` is a target exactly once; the last window
-may be shorter. With `eval.max_batches` set, at most
-`max_batches * batch_size` windows per stage are scored, evenly spaced over the stream. The windows
-do not depend on the gate mode, so soft and hard gate see the same tokens, and nothing is sampled:
-the same checkpoint and data give the same figures. Only `tokens_per_second` depends on the machine.
+sequences. The tokens come from the run's tokenizer directory, or, with `--data DIR`, from the
+units of another prepared data directory tokenized here with the run's tokenizer.
+
+A stream of N tokens is cut into windows of `context` input tokens with stride `context`, so every
+token except the leading `<|doc|>` is a target exactly once, and the last window may be shorter.
+With `eval.max_batches` set, at most `max_batches * batch_size` windows per stage are scored,
+evenly spaced over the stream. The windows do not depend on the gate mode, so soft and hard gate
+see the same tokens. Nothing is sampled, so the same checkpoint and data give the same figures;
+only `tokens_per_second` depends on the machine.
 
 Bits per byte divide the summed loss by the UTF-8 bytes of the scored text, so runs with different
 tokenizers compare: `bits_per_byte = loss * tokens / (bytes * ln 2)`. The bytes of a unit come from
-the unit index, and `<|doc|>` targets add their loss but no bytes, as in training's validation. A window that starts or ends inside a unit scores only part of it, and that unit
-counts with the share `scored tokens / unit tokens` of its bytes. This is exact for whole units
-and an approximation for cut ones, because bytes per token vary within a unit. Totals over stages
-are sums of nats, tokens and bytes, so the overall loss is the token-weighted mean of the stages.
+the unit index. `<|doc|>` targets add their loss but no bytes, as in the validation during
+training. A window that starts or ends inside a unit scores only part of it, and that unit counts
+with the share `scored tokens / unit tokens` of its bytes. This is exact for whole units and an
+approximation for cut ones, because bytes per token vary within a unit. Totals over stages are
+sums of nats, tokens and bytes, so the overall loss is the token-weighted mean of the stages.
 
 JSON written by `--json FILE` (figures are floats unless noted, null where they do not apply):
 

@@ -174,32 +174,32 @@ def clean_prompt(text: str) -> str:
 
 
 class IncrementalDecoder:
-    """Decode a growing list of token ids and return only the characters not returned before.
+    """Decode token ids one at a time and return the text they complete.
 
-    A trailing U+FFFD from an incomplete UTF-8 sequence is held back until the next token completes
-    the character; `finish` returns whatever is left.
+    Ids whose decoded text ends in U+FFFD, maybe an incomplete UTF-8 character, are held back until
+    a later token completes it; `finish` returns whatever is left. UTF-8 decoding restarts cleanly
+    after each complete character, so decoding only the held-back ids gives the same text as
+    decoding the whole list, at constant cost per token.
     """
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.returned = 0  # characters of the decoded text already returned
+        self.count = 0  # tokens pushed
+        self.pending: list[int] = []  # ids after the last complete character
 
     def push(self, token_id: int) -> str:
-        self.ids.append(token_id)
-        # NOTE: decoding the whole list per token is quadratic in the answer length, which costs
-        # well under a millisecond per token at a few thousand tokens.
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        complete = len(text.rstrip("\ufffd"))
-        new = text[self.returned : complete]
-        self.returned = max(self.returned, complete)
-        return new
+        self.count += 1
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=False)
+        if text.endswith("\ufffd"):
+            return ""
+        self.pending = []
+        return text
 
     def finish(self) -> str:
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=False)
-        new = text[self.returned :]
-        self.returned = len(text)
-        return new
+        text = self.tokenizer.decode(self.pending, skip_special_tokens=False) if self.pending else ""
+        self.pending = []
+        return text
 
 
 def spike_style(spiked_layers: int, n_layer: int) -> str:
@@ -212,8 +212,8 @@ def spike_style(spiked_layers: int, n_layer: int) -> str:
 # The command
 
 
-class Generator:
-    """A loaded model with its tokenizer and settings, answering one prompt at a time."""
+class GenerationSession:
+    """A loaded model with its tokenizer and sampling settings, continuing one prompt at a time."""
 
     def __init__(self, loaded, settings: GenerateConfig, device: torch.device, show_spikes: bool):
         self.model = loaded.model
@@ -238,7 +238,7 @@ class Generator:
             )
         return ids
 
-    def answer(self, prompt: str, echo: bool) -> None:
+    def continue_prompt(self, prompt: str, echo: bool) -> None:
         """Write the continuation of `prompt` to stdout as it is sampled, then a summary to stderr."""
         if echo:
             stdout_console.print(Text(prompt, style="bold"), end="", soft_wrap=True)
@@ -266,7 +266,7 @@ class Generator:
         seconds = time.perf_counter() - started
 
         stdout_console.print(Text(decoder.finish()), soft_wrap=True)  # ends the line
-        self._summary(len(decoder.ids), seconds, gate_rows)
+        self._summary(decoder.count, seconds, gate_rows)
 
     def _summary(self, count: int, seconds: float, gate_rows: list[torch.Tensor]) -> None:
         parts = [f"{count} tokens", f"{count / seconds:.1f} tokens/s" if seconds > 0 else ""]
@@ -294,7 +294,7 @@ def generate(
     config = inference_config(loaded.config, config_path, overrides)
     device = resolve_device(config.generate.device)
     loaded.model.to(device).eval()
-    session = Generator(loaded, config.generate, device, show_spikes)
+    session = GenerationSession(loaded, config.generate, device, show_spikes)
 
     if session.show_spikes:
         legend = Text("expert layers per token: ")
@@ -303,16 +303,16 @@ def generate(
         console.print(legend)
 
     if prompt is not None:
-        session.answer(prompt, echo=True)
+        session.continue_prompt(prompt, echo=True)
     elif sys.stdin.isatty():
         _interactive(session)
     else:
         _prompts_from_stdin(session)
 
 
-def _prompts_from_stdin(session: Generator) -> None:
+def _prompts_from_stdin(session: GenerationSession) -> None:
     """Answer each non-empty line of stdin; a line of only control characters is skipped with a warning."""
-    answered = 0
+    continued = 0
     for number, line in enumerate(sys.stdin, start=1):
         line = line.rstrip("\r\n")
         if not line.strip():
@@ -322,22 +322,22 @@ def _prompts_from_stdin(session: Generator) -> None:
         except UserError:
             log.warning("stdin line %d contains no text after removing control characters; skipped", number)
             continue
-        if answered:
-            stdout_console.print()  # a blank line between answers
-        session.answer(text, echo=True)
-        answered += 1
-    if not answered:
+        if continued:
+            stdout_console.print()  # a blank line between continuations
+        session.continue_prompt(text, echo=True)
+        continued += 1
+    if not continued:
         raise UserError("stdin contained no prompt; pass --prompt TEXT or one prompt per line on stdin")
 
 
-def _interactive(session: Generator) -> None:
-    """Read prompts in a loop with line editing and history; Ctrl-C stops an answer, Ctrl-D exits."""
+def _interactive(session: GenerationSession) -> None:
+    """Read prompts in a loop with line editing and history; Ctrl-C stops a continuation, Ctrl-D exits."""
     try:
         import readline  # noqa: F401 - importing it gives input() line editing and history
     except ImportError:  # not built on every platform
         pass
 
-    console.print("[dim]Type a prompt and press Enter. Ctrl-C stops an answer, Ctrl-D exits.[/]")
+    console.print("[dim]Type a prompt and press Enter. Ctrl-C stops the text, Ctrl-D exits.[/]")
     while True:
         try:
             line = input("> ")
@@ -357,7 +357,7 @@ def _interactive(session: Generator) -> None:
             continue
 
         try:
-            session.answer(text, echo=False)
+            session.continue_prompt(text, echo=False)
         except KeyboardInterrupt:
             stdout_console.print()
             console.print("[yellow]stopped[/]")

@@ -217,6 +217,17 @@ def test_incremental_decoder_prints_whole_characters():
     assert all("\ufffd" not in piece for piece in pieces)
 
 
+def test_incremental_decoder_matches_full_decode_on_any_ids():
+    tokenizer = german_tokenizer()
+    ids = torch.randint(2, tokenizer.get_vocab_size(), (2000,), generator=torch.Generator().manual_seed(0)).tolist()
+
+    decoder = IncrementalDecoder(tokenizer)
+    text = "".join(decoder.push(token) for token in ids) + decoder.finish()
+    assert text == tokenizer.decode(ids, skip_special_tokens=False)
+    assert "\ufffd" in text, "random byte tokens must include invalid UTF-8 for this test"
+    assert decoder.count == 2000
+
+
 def test_spike_style_spans_none_to_all():
     assert spike_style(0, 4) == "default"
     assert spike_style(4, 4) == "bold red"

@@ -80,7 +80,7 @@ def test_config_file_and_set_choose_sampling(tiny_trained_run: Path, tmp_path: P
     assert from_file.exit_code == 0, from_file.output
     assert overridden.exit_code == 0, overridden.output
     assert overridden.stdout.startswith(PROMPT)
-    # Greedy decoding: the 3-token answer is the start of the 7-token one (unless <|doc|> came first).
+    # Greedy decoding: the 3-token continuation is the start of the 7-token one (unless <|doc|> came first).
     assert from_file.stdout.startswith(overridden.stdout.rstrip("\n"))
     assert int(re.search(r"(\d+) tokens", from_file.stderr).group(1)) <= 7
     assert int(re.search(r"(\d+) tokens", overridden.stderr).group(1)) <= 3
@@ -99,10 +99,10 @@ def test_prompts_from_stdin_one_per_line(tiny_trained_run: Path):
     result = generate(str(tiny_trained_run), "--max-new-tokens", "5", "--temperature", "0", input=lines)
 
     assert result.exit_code == 0, result.output
-    answers = result.stdout.split("\n\n")
-    assert len(answers) == 2
-    assert answers[0].startswith("Die Stadt Aachen")
-    assert answers[1].startswith("Berlin ist")
+    outputs = result.stdout.split("\n\n")
+    assert len(outputs) == 2
+    assert outputs[0].startswith("Die Stadt Aachen")
+    assert outputs[1].startswith("Berlin ist")
     assert "stdin line 3 contains no text" in result.stderr
 
 
@@ -224,7 +224,7 @@ def test_interactive_loop(tiny_trained_run: Path, monkeypatch, capsys):
 
     monkeypatch.setattr("builtins.input", fake_input)
     loaded = load_for_inference(tiny_trained_run)
-    session = generation.Generator(loaded, GenerateConfig(temperature=0.0, max_new_tokens=6), torch.device("cpu"), False)
+    session = generation.GenerationSession(loaded, GenerateConfig(temperature=0.0, max_new_tokens=6), torch.device("cpu"), False)
     generation._interactive(session)
 
     captured = capsys.readouterr()
