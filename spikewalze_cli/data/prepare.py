@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from spikewalze_cli.config import Config, DataConfig
 from spikewalze_cli.console import console
@@ -231,7 +232,7 @@ def _check_output(out: Path) -> None:
     if not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; choose another --out")
     if any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise UserError(f"output directory {out} is not empty and holds no prepared data; choose another --out or remove it")
+        raise UserError(f"output directory {out} is not empty and contains no prepared data (no manifest.json); choose another --out or remove it")
 
 
 def _replace_directory(partial: Path, out: Path) -> None:
@@ -330,8 +331,8 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
             f"but no paragraph has data.min_paragraph_chars={data.min_paragraph_chars} characters and a word"
         )
 
-    # With few articles the hash split can leave validation empty; then the training article
-    # with the lowest split position moves to validation, which keeps the split deterministic.
+    # With few articles the hash split can leave validation empty. Then the training article with
+    # the lowest split position moves to validation, so the split stays deterministic.
     forced_validation = None
     if split_counts["validation"] == 0 and split_counts["train"] > 1 and first_train is not None:
         forced_validation = first_train[1]
@@ -358,7 +359,7 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
             total_words += sum(shard_counts.values())
             counts.update(shard_counts)
             if len(counts) > 2 * data.max_vocab:
-                # NOTE: pruning forgets rare words seen so far; they count as unseen (rarest).
+                # NOTE: pruning drops the counts of rare words seen so far, so they count as unseen (rarest).
                 counts = Counter(dict(counts.most_common(data.max_vocab)))
                 pruned = True
             progress.advance(task)
@@ -425,7 +426,7 @@ def _assemble(units_dir: Path, scored_paths: list[Path], thresholds: np.ndarray,
         scores = table.column("score").to_numpy()
         stage_column = assign_stages(scores, thresholds)
         splits = np.asarray(table.column("split").to_pylist())
-        lengths = np.asarray([len(text) for text in table.column("text").to_pylist()])
+        lengths = pc.utf8_length(table.column("text")).to_numpy()
         for split in ("train", "validation"):
             in_split = splits == split
             for stage in stages:
@@ -469,11 +470,17 @@ def _assemble(units_dir: Path, scored_paths: list[Path], thresholds: np.ndarray,
     }
 
 
-def _first_sentence(text: str, limit: int = 110) -> str:
-    ends = sentence_ends(text)
-    sentence = text[: ends[0]].strip() if ends else text.strip()
-    sentence = " ".join(sentence.split())
-    return sentence if len(sentence) <= limit else sentence[: limit - 1].rstrip() + "…"
+def _first_sentence(text: str, limit: int = 90) -> str:
+    """Return the unit's first sentence of 30 to `limit` characters, else its start cut to `limit`."""
+    lines = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("=")]  # no headings
+    text = " ".join(" ".join(lines).split())
+    start = 0
+    for end in [*sentence_ends(text), len(text)]:
+        sentence = text[start:end].strip()
+        start = end
+        if 30 <= len(sentence) <= limit:
+            return sentence
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
 def _finish(partial: Path, config: Config, sources: list[Source], summary: dict) -> None:
