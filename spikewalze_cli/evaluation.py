@@ -110,23 +110,38 @@ def resolve_device(name: str) -> torch.device:
 # Token streams and windows
 
 
-@dataclass
 class StageStream:
-    """The token ids of one stage of one split, and the index of the units they came from."""
+    """The evaluation stream of one stage: `<|doc|>`, then each unit followed by `<|doc|>`.
 
-    stage: str
-    tokens: np.ndarray  # [N] token ids: <|doc|>, then each unit followed by <|doc|>
-    units: np.ndarray  # structured rows (offset, length, bytes, score) into `tokens`, one per unit
+    The stream is never built in memory. `read` assembles any slice from the units' token ids
+    (a memmap for a stored split), so a large split costs memory only for its unit index.
+    """
 
-    @classmethod
-    def from_units(cls, stage: str, tokens: np.ndarray, units: np.ndarray, doc_id: int) -> StageStream:
-        """Put `<|doc|>` before the first unit and after every unit of a concatenated stage."""
-        ends = units["offset"] + units["length"]
-        body = np.insert(np.asarray(tokens), ends, doc_id)
-        stream = np.concatenate([np.array([doc_id], dtype=body.dtype), body])
-        index = units.copy()
-        index["offset"] = units["offset"] + np.arange(len(units)) + 1  # +1 per <|doc|> before the unit
-        return cls(stage, stream, index)
+    def __init__(self, stage: str, tokens: np.ndarray, units: np.ndarray, doc_id: int):
+        self.stage = stage
+        self.tokens = tokens  # [sum of unit lengths] token ids of the units, concatenated
+        self.doc_id = doc_id
+        self.offsets = units["offset"].astype(np.int64)  # where each unit starts in `tokens`
+        self.lengths = units["length"].astype(np.int64)
+        # The same rows with offsets into the stream: one <|doc|> more before each unit.
+        self.units = units.copy()
+        self.units["offset"] = self.offsets + np.arange(len(units)) + 1
+
+    def __len__(self) -> int:
+        return 1 + int(self.lengths.sum()) + len(self.lengths)
+
+    def read(self, begin: int, end: int) -> np.ndarray:
+        """Return the stream positions [begin, end) as int64 token ids."""
+        positions = np.arange(begin, end, dtype=np.int64)
+        starts = self.units["offset"].astype(np.int64)
+        unit = np.searchsorted(starts, positions, side="right") - 1  # -1 before the first unit
+        inside = positions - starts[np.maximum(unit, 0)]
+        is_token = (unit >= 0) & (inside < self.lengths[np.maximum(unit, 0)])
+
+        ids = np.full(len(positions), self.doc_id, dtype=np.int64)
+        sources = self.offsets[unit[is_token]] + inside[is_token]
+        ids[is_token] = np.asarray(self.tokens[sources], dtype=np.int64)
+        return ids
 
 
 def token_windows(num_tokens: int, context: int) -> list[tuple[int, int]]:
@@ -178,7 +193,7 @@ def batches(stream: StageStream, windows: list[tuple[int, int]], batch_size: int
     """Yield [B, length + 1] LongTensors of consecutive windows with equal length."""
     group: list[np.ndarray] = []
     for start, length in windows:
-        chunk = np.asarray(stream.tokens[start : start + length + 1], dtype=np.int64)
+        chunk = stream.read(start, start + length + 1)
         if group and (len(group) == batch_size or len(group[0]) != len(chunk)):
             yield torch.from_numpy(np.stack(group))
             group = []
@@ -196,28 +211,36 @@ def load_streams(loaded, data: Path | None, split: str) -> list[StageStream]:
     store = loaded.tokens
     if data is None or Path(data).resolve() == Path(store.manifest["data_dir"]).resolve():
         return [
-            StageStream.from_units(stage, store.tokens(split, stage), store.units(split, stage), store.doc_id)
+            StageStream(stage, store.tokens(split, stage), store.units(split, stage), store.doc_id)
             for stage in store.stages
         ]
 
     from spikewalze_cli.tokenizer import UNIT_DTYPE, open_units
 
+    # Per stage: token ids, byte count and score of each unit of the split, in dataset order.
+    found: dict[str, tuple[list[np.ndarray], list[int], list[float]]] = {}
     units = open_units(Path(data))
-    rows = units.filter(lambda batch: [s == split for s in batch], input_columns=["split"], batched=True)
-    log.info("tokenizing %d %s units of %s with the run's tokenizer", len(rows), split, data)
+    for batch in units.select_columns(["text", "split", "stage", "score"]).iter(batch_size=1024):
+        picked = [i for i, unit_split in enumerate(batch["split"]) if unit_split == split]
+        texts = [batch["text"][i] for i in picked]
+        encodings = store.tokenizer.encode_batch_fast(texts, add_special_tokens=False)
+        for i, text, encoding in zip(picked, texts, encodings):
+            ids, sizes, scores = found.setdefault(batch["stage"][i], ([], [], []))
+            ids.append(np.asarray(encoding.ids, dtype=np.int64))
+            sizes.append(len(text.encode("utf-8")))
+            scores.append(batch["score"][i])
+    log.info("tokenized the %s split of %s with the run's tokenizer", split, data)
+
     streams = []
-    for stage in sorted(set(rows["stage"])):
-        selected = rows.filter(lambda batch: [s == stage for s in batch], input_columns=["stage"], batched=True)
-        texts = selected["text"]
-        ids = [encoding.ids for encoding in store.tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    for stage in sorted(found):
+        ids, sizes, scores = found[stage]
         lengths = np.array([len(unit_ids) for unit_ids in ids], dtype=np.int64)
         index = np.zeros(len(ids), dtype=UNIT_DTYPE)
-        index["offset"] = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(ids) else []
+        index["offset"] = np.cumsum(lengths) - lengths
         index["length"] = lengths
-        index["bytes"] = [len(text.encode("utf-8")) for text in texts]
-        index["score"] = selected["score"]
-        tokens = np.fromiter((i for unit_ids in ids for i in unit_ids), dtype=np.int64, count=int(lengths.sum()))
-        streams.append(StageStream.from_units(stage, tokens, index, store.doc_id))
+        index["bytes"] = sizes
+        index["score"] = scores
+        streams.append(StageStream(stage, np.concatenate(ids), index, store.doc_id))
     return streams
 
 
@@ -270,7 +293,7 @@ def score_stream(
 ) -> Tally:
     """Score one stage's stream with the model in `gate_mode` and return the sums."""
     limit = None if max_batches is None else max_batches * batch_size
-    windows = spread(token_windows(len(stream.tokens), context), limit)
+    windows = spread(token_windows(len(stream), context), limit)
     tally = Tally(bytes=scored_bytes(stream.units, [(start + 1, start + 1 + length) for start, length in windows]))
 
     for batch in batches(stream, windows, batch_size):
@@ -316,7 +339,7 @@ def evaluate(
     contexts = cfg.contexts or [model_cfg.context]
     gate_modes = list(cfg.gate_modes) if model_cfg.arch == "spikewalze" else ["none"]
     streams = load_streams(loaded, data, cfg.split)
-    if not any(len(stream.tokens) > 1 for stream in streams):
+    if not any(len(stream) > 1 for stream in streams):
         raise UserError(f"the {cfg.split} split has no tokens to evaluate; prepare more data or choose another --split")
 
     results = []
@@ -354,8 +377,8 @@ def _evaluate_setting(model, streams, config: Config, vocab_size: int, context: 
     per_stage = {}
     with console.status(f"evaluating context {context}, gate {gate_mode}"):
         for stream in streams:
-            if len(stream.tokens) < 2:
-                log.warning("stage %s of the %s split has fewer than 2 tokens; skipped", stream.stage, cfg.split)
+            if not stream.lengths.sum():
+                log.warning("stage %s of the %s split has no tokens; skipped", stream.stage, cfg.split)
                 continue
             tally = score_stream(model, stream, context, forward_mode, cfg.batch_size, cfg.max_batches, device)
             per_stage[stream.stage] = tally.figures()

@@ -94,12 +94,23 @@ def test_scored_bytes_whole_and_cut_units():
 def test_stage_stream_adds_doc_tokens():
     tokens = np.array([10, 11, 12, 20, 21], dtype=np.uint16)
     units = unit_index([(0, 3, 7), (3, 2, 5)])
-    stream = StageStream.from_units("A", tokens, units, doc_id=0)
-    assert stream.tokens.tolist() == [0, 10, 11, 12, 0, 20, 21, 0]
+    stream = StageStream("A", tokens, units, doc_id=0)
+    assert len(stream) == 8
+    assert stream.read(0, 8).tolist() == [0, 10, 11, 12, 0, 20, 21, 0]
+    assert stream.read(3, 6).tolist() == [12, 0, 20]
+    assert stream.read(7, 8).tolist() == [0]
     assert stream.units["offset"].tolist() == [1, 5]
     assert stream.units["length"].tolist() == [3, 2]
     # Every target but the <|doc|> tokens carries bytes; the full stream carries all of them.
-    assert scored_bytes(stream.units, [(1, len(stream.tokens))]) == 12.0
+    assert scored_bytes(stream.units, [(1, len(stream))]) == 12.0
+
+
+def test_stage_stream_with_empty_units():
+    tokens = np.array([10, 11], dtype=np.uint16)
+    units = unit_index([(0, 0, 0), (0, 2, 4), (2, 0, 0)])
+    stream = StageStream("A", tokens, units, doc_id=1)
+    assert stream.read(0, len(stream)).tolist() == [1, 1, 10, 11, 1, 1]
+    assert scored_bytes(stream.units, [(1, len(stream))]) == 4.0
 
 
 # ----------------------------------------------------------------------------------------------
