@@ -43,7 +43,7 @@ class DataConfig(Section):
     min_paragraph_chars: int = Field(20, ge=0, description="Drop paragraphs shorter than this (headings, stubs).")
     num_proc: int | None = Field(None, ge=1, description="Worker processes; null uses all cores.")
     max_vocab: int = Field(
-        2_000_000, ge=1000, description="Word types kept for the rarity feature's corpus frequencies; rarer ones count as unseen."
+        500_000, ge=1000, description="Word types kept for the rarity feature's corpus frequencies; rarer ones count as unseen."
     )
 
     @model_validator(mode="after")
