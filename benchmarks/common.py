@@ -10,9 +10,11 @@ import dataclasses
 import os
 import platform
 import statistics
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -140,6 +142,17 @@ def load_average() -> str:
     except OSError:
         return "unknown"
     return f"{one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def git_revision() -> str:
+    """Return the checked-out commit, with "+ local changes" when the working tree differs from it."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{commit} + local changes" if dirty.strip() else commit
 
 
 def machine_info() -> dict[str, Any]:

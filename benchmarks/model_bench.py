@@ -19,13 +19,14 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from benchmarks import quality, speed
-from benchmarks.common import Section, load_average, machine_info
+from benchmarks.common import Section, git_revision, load_average, machine_info
 from benchmarks.report import now, write_page
 from spikewalze_cli.config import ModelConfig, load_config
 
@@ -47,7 +48,7 @@ class Settings:
     vocab_size: int | None = None  # null: tokenizer.vocab_size of speed_config
     train_seq_lens: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
     train_batch_tokens: int = 16384
-    train_repeats: int = 5
+    train_repeats: int = 3
     gen_positions: list[int] = field(default_factory=lambda: [128, 512, 2048, 8192])
     gen_timed_steps: int = 16
     gate_batch: int = 4
@@ -64,8 +65,9 @@ class Settings:
     quality_budget_s: float = 180.0
     quality_overrides: list[str] = field(default_factory=list)
     eval_overrides: list[str] = field(default_factory=lambda: ["eval.max_batches=40"])
-    curriculum_steps: int = 150
+    curriculum_steps: int = 60
     curriculum_evals: int = 6
+    curriculum_overrides: list[str] = field(default_factory=lambda: ["train.batch_tokens=4096", "train.eval_batches=4"])
 
     @classmethod
     def full(cls) -> Settings:
@@ -103,60 +105,96 @@ def model_config(path: Path, overrides: dict) -> tuple[ModelConfig, int]:
     return ModelConfig.model_validate(data), config.tokenizer.vocab_size
 
 
-def run_sections(settings: Settings, only: str, out_dir: Path, work_dir: Path) -> list[Section]:
+# Cheap sections first, so a run cut short still has most of the page; the page keeps a..h order.
+RUN_ORDER = "bcfhadge"
+
+
+def run_sections(settings: Settings, only: str, out_dir: Path, work_dir: Path, on_section: Callable[[dict[str, Section]], None]) -> dict[str, Section]:
+    """Run the chosen sections in RUN_ORDER; call `on_section` with all results after each one."""
     img_dir = out_dir / "img"
     speed_model, speed_vocab = model_config(settings.speed_config, settings.model_overrides)
     mfu_model, mfu_vocab = model_config(settings.mfu_config, settings.model_overrides)
     speed_vocab = settings.vocab_size or speed_vocab
     mfu_vocab = settings.vocab_size or mfu_vocab
     mfu_seq_len = settings.mfu_seq_len or mfu_model.context
-    speed_name, mfu_name = settings.speed_config.stem, settings.mfu_config.stem
+    mfu_name = settings.mfu_config.stem
+    model_overrides = [f"model.{key}={value}" for key, value in settings.model_overrides.items()]
+    corpus: quality.Corpus | None = None
 
-    jobs = {
+    def get_corpus() -> quality.Corpus:
+        nonlocal corpus
+        if corpus is None:
+            vocab_size = settings.quality_vocab_size or load_config(settings.quality_config).tokenizer.vocab_size
+            corpus = quality.prepare_corpus(work_dir, settings.quality_config, SHARED_PARQUET, settings.quality_max_articles, vocab_size)
+            logger.info("prepare-data and build-tokenizer: %.0f s", corpus.seconds)
+        return corpus
+
+    def quality_and_stages() -> Section:
+        quality_section, stage_section = quality.bench_quality(
+            get_corpus(),
+            settings.quality_config,
+            work_dir,
+            settings.quality_budget_s,
+            [*settings.quality_overrides, *model_overrides],
+            settings.eval_overrides,
+            img_dir,
+        )
+        if corpus is not None and corpus.seconds:
+            quality_section.notes.append(
+                f"prepare-data and build-tokenizer took {corpus.seconds:.0f} s of this section (cached for later runs)."
+            )
+        sections["g"] = stage_section
+        return quality_section
+
+    jobs: dict[str, Callable[[], Section]] = {
         "a": lambda: speed.bench_train_step(speed_model, speed_vocab, settings.train_seq_lens, settings.train_batch_tokens, settings.train_repeats, img_dir),
         "b": lambda: speed.bench_generation(speed_model, speed_vocab, settings.gen_positions, settings.gen_timed_steps, speed_model.spike.target_rate, img_dir),
         "c": lambda: speed.bench_hard_gate(speed_model, speed_vocab, settings.gate_batch, settings.gate_seq_len, settings.gate_rates, settings.gate_repeats, img_dir),
+        "d": quality_and_stages,
+        "e": lambda: quality.bench_curriculum(
+            get_corpus(),
+            settings.quality_config,
+            work_dir,
+            settings.curriculum_steps,
+            settings.curriculum_evals,
+            [*settings.quality_overrides, *settings.curriculum_overrides, *model_overrides],
+            img_dir,
+        ),
         "f": lambda: speed.bench_mfu(mfu_model, mfu_name, mfu_vocab, settings.mfu_batch, mfu_seq_len, settings.matmul_sizes, settings.mfu_repeats),
         "h": lambda: speed.bench_hf_baseline(mfu_model, mfu_name, mfu_vocab, settings.mfu_batch, mfu_seq_len, settings.mfu_repeats),
     }
+    if "g" in only and "d" not in only:
+        only += "d"  # g reads the learned model that d trains
     sections: dict[str, Section] = {}
-    for key in "abcfh":
-        if key in only:
-            sections[key] = timed(jobs[key], key)
-
-    if any(key in only for key in "deg"):
-        start = time.perf_counter()
-        corpus = quality.prepare_corpus(
-            work_dir, settings.quality_config, SHARED_PARQUET, settings.quality_max_articles,
-            settings.quality_vocab_size or load_config(settings.quality_config).tokenizer.vocab_size,
-        )
-        logger.info("prepare-data and build-tokenizer: %.0f s", corpus.seconds)
-        if "d" in only or "g" in only:
-            overrides = [*settings.quality_overrides, *[f"model.{k}={v}" for k, v in settings.model_overrides.items()]]
-            quality_section, stage_section = quality.bench_quality(
-                corpus, settings.quality_config, work_dir, settings.quality_budget_s, overrides, settings.eval_overrides, img_dir
-            )
-            quality_section.seconds = time.perf_counter() - start
-            if corpus.seconds:
-                quality_section.notes.append(f"prepare-data and build-tokenizer took {corpus.seconds:.0f} s of this section (cached for later runs).")
-            sections["d"] = quality_section
-            sections["g"] = stage_section
-        if "e" in only:
-            overrides = [*settings.quality_overrides, *[f"model.{k}={v}" for k, v in settings.model_overrides.items()]]
-            sections["e"] = timed(
-                lambda: quality.bench_curriculum(corpus, settings.quality_config, work_dir, settings.curriculum_steps, settings.curriculum_evals, overrides, img_dir),
-                "e",
-            )
-    return [sections[key] for key in ALL_SECTIONS if key in sections]
+    for key in RUN_ORDER:
+        if key in only and key in jobs:
+            logger.info("section %s ...", key)
+            start = time.perf_counter()
+            try:
+                sections[key] = jobs[key]()
+            except Exception as error:  # noqa: BLE001 - one failed section must not cost the others
+                logger.exception("section %s failed", key)
+                sections[key] = failed_section(key, error)
+            sections[key].seconds = time.perf_counter() - start
+            logger.info("section %s done in %.0f s", key, sections[key].seconds)
+            on_section(sections)
+    return sections
 
 
-def timed(job, key: str) -> Section:
-    logger.info("section %s ...", key)
-    start = time.perf_counter()
-    section = job()
-    section.seconds = time.perf_counter() - start
-    logger.info("section %s done in %.0f s", key, section.seconds)
-    return section
+SECTION_TITLES = {
+    "a": "a. Training step cost per token against sequence length",
+    "b": "b. Generation: time and state memory per token",
+    "c": "c. Hard gate: gated work against the forced spike rate",
+    "d": "d. Quality at equal wall-clock budget",
+    "e": "e. Curriculum schedules at equal steps",
+    "f": "f. Hardware use: training MFU",
+    "h": "h. The baseline against Hugging Face transformers",
+}
+
+
+def failed_section(key: str, error: Exception) -> Section:
+    message = str(error).strip().replace("\n", " ")[:1500]
+    return Section(key=key, title=SECTION_TITLES[key], description=f"**This section failed:** {type(error).__name__}: {message}", table="")
 
 
 def load_note(before: str) -> str:
@@ -173,28 +211,39 @@ def load_note(before: str) -> str:
     return f"The machine was idle when the run started ({threads} torch threads)."
 
 
-def run_benchmarks(settings: Settings, only: str, out_dir: Path, work_dir: Path, command: str, page: str = "benchmarks.md") -> list[Section]:
-    """Run the chosen sections, then write the page, its plots and work_dir/results.json."""
+def run_benchmarks(
+    settings: Settings, only: str, out_dir: Path, work_dir: Path, command: str, page: str = "benchmarks.md"
+) -> list[Section]:
+    """Run the chosen sections; after each one, rewrite the page, its plots and work_dir/results.json."""
     before = load_average()
+    revision = git_revision()
     start = time.perf_counter()
-    sections = run_sections(settings, only, out_dir, work_dir)
-    run = {
-        "command": command,
-        "date": now(),
-        "mode": settings.mode,
-        "minutes": (time.perf_counter() - start) / 60,
-        "machine": machine_info(),
-        "load_before": before,
-        "load_after": load_average(),
-        "load_note": load_note(before),
-        "settings": dataclasses.asdict(settings),
-    }
-    write_page(out_dir / page, sections, run)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    results = {"run": run, "sections": [dataclasses.asdict(section) for section in sections]}
-    (work_dir / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
-    logger.info("wrote %s in %.1f min", out_dir / page, run["minutes"])
-    return sections
+    wanted = [key for key in ALL_SECTIONS if key in only or (key == "d" and "g" in only)]
+
+    def write(sections: dict[str, Section]) -> None:
+        missing = [key for key in wanted if key not in sections]
+        run = {
+            "command": command,
+            "date": now(),
+            "mode": settings.mode,
+            "revision": revision,
+            "minutes": (time.perf_counter() - start) / 60,
+            "machine": machine_info(),
+            "load_before": before,
+            "load_after": load_average(),
+            "load_note": load_note(before),
+            "settings": dataclasses.asdict(settings),
+            "settings_note": f"This page is partial: sections {', '.join(missing)} have not finished yet." if missing else "",
+        }
+        ordered = [sections[key] for key in ALL_SECTIONS if key in sections]
+        write_page(out_dir / page, ordered, run)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        results = {"run": run, "sections": [dataclasses.asdict(section) for section in ordered]}
+        (work_dir / "results.json").write_text(json.dumps(results, indent=1, default=str), encoding="utf-8")
+        logger.info("wrote %s after %.1f min", out_dir / page, run["minutes"])
+
+    sections = run_sections(settings, only, out_dir, work_dir, write)
+    return [sections[key] for key in ALL_SECTIONS if key in sections]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,7 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work-dir", type=Path, default=REPO / "runs" / "bench", help="Cache of data, tokenizer and runs.")
     parser.add_argument("--only", default=ALL_SECTIONS, help="Sections to run, for example 'abc' (default: all).")
     parser.add_argument("--page", default="benchmarks.md", help="File name of the page inside --out.")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the commands it runs (default: torch's choice).")
     args = parser.parse_args(argv)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in the train and evaluate subprocesses
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     settings = Settings.quick() if args.quick else Settings.full()

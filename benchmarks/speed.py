@@ -164,8 +164,10 @@ def bench_generation(
     base: ModelConfig, vocab_size: int, positions: list[int], timed_steps: int, spike_rate: float, img_dir: Path
 ) -> Section:
     """Step one sequence to each position, then time `timed_steps` single-token steps there."""
-    models = {"spikewalze": variant_config(base, "learned", context=positions[-1] + timed_steps + 1)}
-    models["gpt"] = variant_config(base, "gpt", context=positions[-1] + timed_steps + 1)
+    # Room for the timed steps at every position and the 8 profiled steps after the last one.
+    length = positions[-1] + timed_steps * len(positions) + 8
+    models = {"spikewalze": variant_config(base, "learned", context=length)}
+    models["gpt"] = variant_config(base, "gpt", context=length)
     seconds: dict[str, dict[int, Timing]] = {}
     state_bytes: dict[str, dict[int, int]] = {}
     profiles: dict[str, Callable[[], str]] = {}
@@ -176,7 +178,7 @@ def bench_generation(
         if name == "spikewalze":
             model.set_gate_override(spike_rate)
         generator = torch.Generator().manual_seed(1)
-        stream = torch.randint(0, vocab_size, (positions[-1] + timed_steps * len(positions) + 1,), generator=generator)
+        stream = torch.randint(0, vocab_size, (length,), generator=generator)
         seconds[name], state_bytes[name] = {}, {}
         with torch.no_grad():
             state = model.init_state(1, torch.device("cpu"))
