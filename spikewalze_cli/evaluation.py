@@ -339,7 +339,7 @@ def evaluate(
     contexts = cfg.contexts or [model_cfg.context]
     gate_modes = list(cfg.gate_modes) if model_cfg.arch == "spikewalze" else ["none"]
     streams = load_streams(loaded, data, cfg.split)
-    if not any(len(stream) > 1 for stream in streams):
+    if not any(stream.lengths.sum() > 0 for stream in streams):
         raise UserError(f"the {cfg.split} split has no tokens to evaluate; prepare more data or choose another --split")
 
     results = []
@@ -375,11 +375,12 @@ def _evaluate_setting(model, streams, config: Config, vocab_size: int, context: 
     forward_mode = "hard" if gate_mode == "none" else gate_mode  # gpt ignores the gate mode
     total = Tally()
     per_stage = {}
-    with console.status(f"evaluating context {context}, gate {gate_mode}"):
+    with console.status("") as status:
         for stream in streams:
             if not stream.lengths.sum():
                 log.warning("stage %s of the %s split has no tokens; skipped", stream.stage, cfg.split)
                 continue
+            status.update(f"evaluating context {context}, {gate_mode} gate, stage {stream.stage}")
             tally = score_stream(model, stream, context, forward_mode, cfg.batch_size, cfg.max_batches, device)
             per_stage[stream.stage] = tally.figures()
             total.add(tally)

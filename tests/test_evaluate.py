@@ -320,3 +320,15 @@ def test_cli_rejects_model_override(tiny_trained_run: Path):
 def test_cli_rejects_bad_context_and_split(tiny_trained_run: Path):
     assert_one_line_error(CliRunner().invoke(app, ["evaluate", str(tiny_trained_run), "--context", "0"]), "contexts")
     assert_one_line_error(CliRunner().invoke(app, ["evaluate", str(tiny_trained_run), "--split", "test"]), "eval.split", "test")
+
+
+def test_empty_split_is_an_error(tiny_trained_run: Path, small_data: Path, tmp_path: Path):
+    import datasets
+
+    # The same units, all moved to the training split.
+    units = datasets.load_from_disk(str(small_data / "units")).map(lambda row: {"split": "train"})
+    units.save_to_disk(str(tmp_path / "data" / "units"))
+    shutil.copy(small_data / "manifest.json", tmp_path / "data" / "manifest.json")
+
+    with pytest.raises(UserError, match="the validation split has no tokens"):
+        evaluate(tiny_trained_run, data=tmp_path / "data")
