@@ -139,6 +139,8 @@ def test_packed_sequences_hold_real_units(tiny_run_inputs):
                 stage = tokens.stages[pool.stage_of[chunk.unit]]
                 begin = pool.offset[chunk.unit] + chunk.start
                 assert piece.tolist() == tokens.tokens("train", stage)[begin : begin + chunk.count].tolist()
+                if chunk.count == pool.length[chunk.unit]:  # a whole unit carries exactly its UTF-8 bytes
+                    assert byte_weights[position : position + chunk.count].sum() == pytest.approx(pool.bytes[chunk.unit])
                 assert index == 0 or chunk.start == 0  # only the first unit may start inside
                 next_is_doc = index + 1 < len(plan) and plan[index + 1].unit == DOC
                 assert next_is_doc or index == len(plan) - 1

@@ -106,6 +106,18 @@ def test_resume_extends_max_steps(tiny_train_config, tmp_path: Path):
     assert read_state(checkpoint(run_dir, 8))["config"]["train"]["max_steps"] == 8
 
 
+def test_resume_finished_run_redraws_plot(tiny_train_config):
+    run_dir = train(tiny_train_config())
+    (run_dir / "curves.png").unlink()
+    before = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+
+    resume(run_dir)
+
+    assert (run_dir / "curves.png").is_file()
+    assert sorted(path.name for path in (run_dir / "checkpoints").iterdir()) == before
+    assert [record["step"] for record in train_records(run_dir)] == [1, 2, 3, 4, 5, 6]
+
+
 def test_nonfinite_loss_stops_with_checkpoint(tiny_train_config):
     # A learning rate of 1e30 makes the weights overflow after the first update.
     config = tiny_train_config(
@@ -206,3 +218,11 @@ def test_unigram_baseline_matches_direct_count(tiny_run_inputs):
 
     assert unigram_bits_per_byte(tokens) == pytest.approx(bits / num_bytes, rel=1e-9)
     assert 1.0 < bits / num_bytes < 8.0
+
+
+def test_bits_per_byte_formula():
+    from spikewalze_cli.training.metrics import bits_per_byte
+
+    # 2 bits per token over 100 tokens that cover 50 bytes: 4 bits per byte.
+    assert bits_per_byte(2 * math.log(2), 100, 50) == pytest.approx(4.0)
+    assert math.isnan(bits_per_byte(1.0, 10, 0))
