@@ -48,13 +48,18 @@ def cut_paragraph(paragraph: str, max_chars: int) -> list[str]:
     for end in [*sentence_ends(paragraph), len(paragraph)]:
         sentence = paragraph[start:end].strip()
         start = end
-        while len(sentence) > max_chars:
-            cut = sentence.rfind(" ", 0, max_chars + 1)
-            cut = cut if cut > 0 else max_chars
-            sentences.append(sentence[:cut].strip())
-            sentence = sentence[cut:].strip()
-        if sentence:
-            sentences.append(sentence)
+        # Walk an offset through a long sentence instead of slicing off its rest, so that cutting
+        # a sentence of n characters costs O(n), not O(n^2 / max_chars).
+        offset = 0
+        while len(sentence) - offset > max_chars:
+            cut = sentence.rfind(" ", offset, offset + max_chars + 1)
+            cut = cut if cut > offset else offset + max_chars
+            sentences.append(sentence[offset:cut].strip())
+            offset = cut
+            while offset < len(sentence) and sentence[offset].isspace():
+                offset += 1
+        if offset < len(sentence):
+            sentences.append(sentence[offset:])
 
     pieces: list[str] = []
     current = ""
