@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from spikewalze_cli.checkpoint import (
     BEST,
@@ -25,6 +24,7 @@ from spikewalze_cli.console import console
 from spikewalze_cli.errors import UserError
 from spikewalze_cli.training.batches import TrainBatches, validation_batches
 from spikewalze_cli.training.curriculum import Curriculum
+from spikewalze_cli.training.display import Display
 from spikewalze_cli.training.inputs import RunInputs
 from spikewalze_cli.training.metrics import MetricsLog, bits_per_byte, measure_peak_flops, plot_run, unigram_bits_per_byte
 from spikewalze_cli.training.optim import build_optimizer, learning_rate
@@ -277,7 +277,7 @@ class Trainer:
                 self.runtime.world, self.config.curriculum.schedule,
             )
 
-        display = _Display(self.runtime.is_main, self.step, train.max_steps)
+        display = Display(self.runtime.is_main, self.step, train.max_steps)
         window_start, window_tokens = time.perf_counter(), 0
         with StopSignal() as stop, display:
             while self.step < train.max_steps:
@@ -332,7 +332,7 @@ class Trainer:
                 )
         return self.run_dir
 
-    def _validate_and_keep_best(self, metrics: MetricsLog | None, display: _Display) -> None:
+    def _validate_and_keep_best(self, metrics: MetricsLog | None, display: Display) -> None:
         record = self.validate()
         self.last_validation = record
         admitted = self.curriculum.observe_validation({s: v["loss"] for s, v in record["stages"].items()}, self.stages)
@@ -362,62 +362,3 @@ class Trainer:
             dtype = torch.bfloat16 if self.config.train.precision == "bf16" else torch.float32
             peak = measure_peak_flops(self.runtime.device, dtype)
         return per_token, peak
-
-
-class _Display:
-    """A rich progress bar on a terminal; periodic log lines elsewhere (files, CI, rank > 0 is silent)."""
-
-    def __init__(self, enabled: bool, start: int, total: int):
-        self.enabled = enabled
-        self.live = enabled and console.is_terminal
-        self.progress = Progress(
-            TextColumn("[bold]step"),
-            MofNCompleteColumn(),
-            BarColumn(bar_width=24),
-            TextColumn("{task.fields[stats]}"),
-            TimeRemainingColumn(),
-            console=console,
-            disable=not self.live,
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start, stats="")
-        self.last: dict[str, Any] = {}
-
-    def __enter__(self) -> _Display:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.progress.stop()
-
-    def update(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        if "tokens_per_s" in record:
-            self.last = record
-        stats = _format_stats(record, self.last)
-        self.progress.update(self.task, completed=record["step"], stats=stats)
-        if not self.live and "tokens_per_s" in record:
-            log.info("step %d  %s", record["step"], stats)
-
-    def validation(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        per_stage = "  ".join(f"{stage} {values['loss']:.3f}" for stage, values in record["stages"].items())
-        spike = f"  spike {record['spike_rate']:.3f}" if record.get("spike_rate") is not None else ""
-        log.info("step %d  validation loss %.4f  bpb %.4f%s  per stage: %s", record["step"], record["loss"], record["bpb"], spike, per_stage)
-
-
-def _format_stats(record: dict[str, Any], timed: dict[str, Any]) -> str:
-    parts = ["loss " + ("non-finite" if record["loss"] is None else f"{record['loss']:.4f}")]
-    if "tokens_per_s" in timed:
-        parts.append(f"{timed['tokens_per_s']:,.0f} tok/s")
-    if timed.get("mfu") is not None:
-        parts.append(f"MFU {100 * timed['mfu']:.1f}%")
-    parts.append(f"lr {record['lr']:.2e}")
-    if record.get("spike_rate") is not None:
-        parts.append(f"spike {record['spike_rate']:.3f}")
-    parts.append("mix " + " ".join(f"{stage}{100 * share:.0f}" for stage, share in record["stage_mix"].items()))
-    return "  ".join(parts)
