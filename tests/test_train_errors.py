@@ -70,6 +70,18 @@ def checkpoint_names(run_dir: Path) -> list[str]:
     return sorted(path.name for path in (run_dir / "checkpoints").iterdir())
 
 
+def test_cli_trains_and_resumes(tiny_run_inputs, tmp_path: Path):
+    run_dir = tmp_path / "run"
+
+    result = train_cli(tiny_run_inputs.data, tiny_run_inputs.tokenizer, run_dir, "train.max_steps=3")
+    assert result.exit_code == 0, result.output
+    assert "validation:" in result.output
+
+    result = resume_cli(run_dir, "--set", "train.max_steps=4")
+    assert result.exit_code == 0, result.output
+    assert checkpoint_names(run_dir) == ["best", "step-00000003", "step-00000004"]
+
+
 def test_missing_prepared_data(tiny_run_inputs, tmp_path: Path):
     result = train_cli(tmp_path / "nothing", tiny_run_inputs.tokenizer, tmp_path / "run")
 
