@@ -3,8 +3,8 @@
 The prompt is fed one token at a time through the model's `step`, which keeps a fixed-size state,
 so each new token costs the same however long the text already is. A prompt longer than the
 training context passes through that rolling state and is not cut. The gpt baseline keeps a
-key/value cache that grows with the text, so it sees only the last `context` tokens of the
-prompt, and its cache is rebuilt from the last `context / 2` tokens whenever it is full.
+key/value cache that grows with the text. It is fed only the last `context` tokens of the prompt,
+and its cache is rebuilt from the last `context / 2` tokens whenever it is full.
 
 Every prompt starts after a `<|doc|>` token, because training packs its units with `<|doc|>`
 between them. Generation stops at the next `<|doc|>`, at the end of the unit the model writes, or
@@ -111,8 +111,8 @@ def stream_tokens(
     (the padding token) are never sampled. Each yielded token has already been fed to the model,
     so its gates are the expert decisions for that token.
 
-    `max_cache` is for a model whose state grows (the gpt baseline): only the last `max_cache`
-    prompt tokens are fed, and when the state holds `max_cache` tokens it is rebuilt from the last
+    `max_cache` is for a model whose state grows (the gpt baseline). Only the last `max_cache`
+    prompt tokens are fed, and a state that contains `max_cache` tokens is rebuilt from the last
     `max_cache // 2` of them, so positions stay within the trained context.
     """
     if not prompt_ids:
@@ -176,10 +176,10 @@ def clean_prompt(text: str) -> str:
 class IncrementalDecoder:
     """Decode token ids one at a time and return the text they complete.
 
-    Ids whose decoded text ends in U+FFFD, maybe an incomplete UTF-8 character, are held back until
-    a later token completes it; `finish` returns whatever is left. UTF-8 decoding restarts cleanly
-    after each complete character, so decoding only the held-back ids gives the same text as
-    decoding the whole list, at constant cost per token.
+    Ids whose decoded text ends in U+FFFD (maybe an incomplete UTF-8 character) are held back
+    until a later token completes it, and `finish` returns whatever is left. UTF-8 decoding
+    restarts cleanly after each complete character. So decoding only the held-back ids gives the
+    same text as decoding the whole list, at constant cost per token.
     """
 
     def __init__(self, tokenizer):
@@ -232,7 +232,7 @@ class GenerationSession:
         ids = [self.tokens.doc_id, *self.tokens.tokenizer.encode(prompt, add_special_tokens=False).ids]
         if self.max_cache is not None and len(ids) > self.max_cache:
             log.warning(
-                "NOTE: the prompt has %d tokens; the gpt baseline sees only the last %d (its context)",
+                "the prompt has %d tokens, but the gpt baseline is fed only the last %d (its context)",
                 len(ids),
                 self.max_cache,
             )
@@ -311,7 +311,7 @@ def generate(
 
 
 def _prompts_from_stdin(session: GenerationSession) -> None:
-    """Answer each non-empty line of stdin; a line of only control characters is skipped with a warning."""
+    """Continue each non-empty line of stdin as a prompt, skipping lines of only control characters."""
     continued = 0
     for number, line in enumerate(sys.stdin, start=1):
         line = line.rstrip("\r\n")
