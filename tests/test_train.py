@@ -106,6 +106,16 @@ def test_resume_extends_max_steps(tiny_train_config, tmp_path: Path):
     assert read_state(checkpoint(run_dir, 8))["config"]["train"]["max_steps"] == 8
 
 
+def test_bf16_autocast_trains(tiny_train_config):
+    run_dir = train(tiny_train_config("train.precision=bf16", "train.max_steps=3"))
+
+    records = train_records(run_dir)
+    assert len(records) == 3
+    assert all(math.isfinite(record["loss"]) for record in records)
+    weights = load_file(checkpoint(run_dir, 3) / "model.safetensors")
+    assert {tensor.dtype for tensor in weights.values()} == {torch.float32}  # fp32 master weights
+
+
 def test_resume_finished_run_redraws_plot(tiny_train_config):
     run_dir = train(tiny_train_config())
     (run_dir / "curves.png").unlink()
