@@ -154,6 +154,25 @@ def test_several_inputs_get_distinct_ids(shared_data: Path, tmp_path: Path):
     assert ids == {f"klexikon-articles.parquet:{index}" for index in range(4)}
 
 
+def test_jsonl_and_text_inputs(shared_data: Path, tmp_path: Path):
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(shared_data / "dewiki-articles.parquet").slice(0, 3).to_pylist()
+    jsonl = tmp_path / "articles.jsonl"
+    jsonl.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    text = tmp_path / "Hund.txt"
+    text.write_text("Der Hund bellt laut, weil er Hunger hat.\n\nDanach schläft er im Garten ein.", encoding="utf-8")
+
+    out = prepare(shared_data, tmp_path / "mixed", inputs=[jsonl, text])
+
+    units = read_units(out)
+    ids = {row["article_id"] for row in units}
+    assert ids == {"articles.jsonl:0", "articles.jsonl:1", "articles.jsonl:2", "Hund.txt:0"}
+    dog = [row for row in units if row["article_id"] == "Hund.txt:0"]
+    assert [row["text"] for row in dog] == ["Der Hund bellt laut, weil er Hunger hat.\n\nDanach schläft er im Garten ein."]
+    assert dog[0]["title"] == "Hund"
+
+
 # ----------------------------------------------------------------------------- units and stages
 
 

@@ -183,7 +183,7 @@ class Lexicon:
     word's rarity is 0.
     """
 
-    def __init__(self, log_rarity: Mapping[str, float] | None = None, unseen: float = 0.0, max_cache: int = 1 << 19) -> None:
+    def __init__(self, log_rarity: Mapping[str, float] | None = None, unseen: float = 0.0, max_cache: int = 1 << 17) -> None:
         self.log_rarity = log_rarity if log_rarity is not None else {}
         self.unseen = unseen if log_rarity is not None else 0.0
         self.max_cache = max_cache

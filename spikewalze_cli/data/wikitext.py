@@ -36,10 +36,48 @@ DROPPED_TAGS = frozenset(
     }
 )
 
+COMMENT_RE = re.compile(r"<!--.*?-->", re.DOTALL)
+REFERENCE_RE = re.compile(r"<ref\b[^>]*/>|<ref\b[^>]*>.*?</ref\s*>", re.DOTALL | re.IGNORECASE)
+TEMPLATE_BRACES_RE = re.compile(r"\{\{|\}\}")
+TABLE_MARKERS_RE = re.compile(r"^[ \t:]*(\{\||\|\})", re.MULTILINE)
 INTERLANGUAGE_RE = re.compile(r"^[a-z]{2,3}(?:-[a-z]+)?$")
 MARKUP_RESIDUE_RE = re.compile(r"\{\{|\}\}|\[\[|\]\]|\{\||\|\}|<ref[^>]*>?|</ref>|__[A-Z]+__")
 BLANK_LINES_RE = re.compile(r"\n\s*\n\s*")
 SPACES_RE = re.compile(r"[ \t\u00a0]+")
+
+
+def _remove_nested(text: str, pattern: re.Pattern, opener: str) -> str:
+    """Remove balanced blocks whose open and close markers `pattern` finds (templates, tables).
+
+    An opener that is never closed is left in place for the parser, so no text after it is lost.
+    """
+    pieces = []
+    depth = 0
+    kept_from = block_start = 0
+    for match in pattern.finditer(text):
+        if match.group(match.lastindex or 0) == opener:
+            if depth == 0:
+                block_start = match.start()
+            depth += 1
+        elif depth:
+            depth -= 1
+            if depth == 0:
+                pieces.append(text[kept_from:block_start])
+                kept_from = match.end()
+    pieces.append(text[kept_from:])
+    return "".join(pieces)
+
+
+def _drop_blocks(wikitext: str) -> str:
+    """Delete comments, references, templates and tables before parsing.
+
+    The renderer would drop them anyway, and mwparserfromhell spends most of its time on them
+    (templates above all), so deleting them first makes cleaning several times faster.
+    """
+    text = COMMENT_RE.sub("", wikitext)
+    text = REFERENCE_RE.sub("", text)
+    text = _remove_nested(text, TEMPLATE_BRACES_RE, "{{")
+    return _remove_nested(text, TABLE_MARKERS_RE, "{|")
 
 
 def _hidden_link(title: str) -> bool:
@@ -110,7 +148,7 @@ def wikitext_to_text(wikitext: str) -> str:
     """
     try:
         parts: list[str] = []
-        _render(mwparserfromhell.parse(wikitext, skip_style_tags=False), parts)
+        _render(mwparserfromhell.parse(_drop_blocks(wikitext), skip_style_tags=False), parts)
         text = "".join(parts)
     except Exception:  # noqa: BLE001 - the parser's own errors must not stop a corpus run
         text = wikitext
