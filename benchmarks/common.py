@@ -63,6 +63,20 @@ def measure(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> Timing:
     return timing_of(seconds)
 
 
+def measure_interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, Timing]:
+    """Time several functions in turns (a, b, c, a, b, c, ...), so drift in machine load hits all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    seconds: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            seconds[name].append(time.perf_counter() - start)
+    return {name: timing_of(values) for name, values in seconds.items()}
+
+
 def timing_of(seconds: list[float]) -> Timing:
     if len(seconds) == 1:
         return Timing(seconds[0], seconds[0], seconds[0], 1)

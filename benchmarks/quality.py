@@ -186,8 +186,8 @@ def bench_quality(
     """Train learned/always/never/gpt for the same wall-clock budget; evaluate each on validation.
 
     Each run gets max_steps from a timing of its optimizer step in this process, so the learning
-    rate decay and the curriculum finish near the end of the budget, and is stopped with SIGTERM
-    when the budget is spent, whichever comes first.
+    rate decay and the curriculum finish near the end of the budget. A run still going when the
+    budget is spent is stopped with SIGTERM.
     """
     variants = ("learned", "always", "never", "gpt")
     vocab_size = int(json.loads((corpus.tokenizer_dir / "manifest.json").read_text(encoding="utf-8"))["vocab_size"])
@@ -274,6 +274,7 @@ def spike_rate_per_stage(learned: dict[str, Any], img_dir: Path) -> Section:
     if isinstance(per_stage, list):
         per_stage = {str(entry.get("stage")): entry for entry in per_stage}
     stages = sorted(per_stage)
+
     rows, rates = [], []
     for stage in stages:
         entry = per_stage[stage]
@@ -283,9 +284,11 @@ def spike_rate_per_stage(learned: dict[str, Any], img_dir: Path) -> Section:
         bpb = entry.get("bits_per_byte")
         rows.append([stage, "" if loss is None else f"{float(loss):.4f}", "" if bpb is None else f"{float(bpb):.4f}", "" if rate is None else f"{float(rate):.3f}"])
     table = markdown_table(["stage (A easiest)", "val loss", "val bpb", "spike rate"], rows)
+
     plot = "bench-spike-stage.png"
     plot_bars(img_dir / plot, stages, {"spike rate": rates}, ylabel="mean spike rate (hard gate)", title="Learned gate: spike rate per difficulty stage")
-    finite = [r for r in rates if r == r]
+
+    finite = [r for r in rates if r == r]  # drop NaN, the stages without a spike rate
     if len(finite) >= 2:
         verdict = "rises" if finite[-1] > finite[0] else "does not rise"
         note = f"The spike rate {verdict} from stage {stages[0]} ({finite[0]:.3f}) to stage {stages[-1]} ({finite[-1]:.3f})."

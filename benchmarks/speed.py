@@ -8,15 +8,27 @@ benchmarks force with `set_gate_override` where it matters.
 
 from __future__ import annotations
 
+import copy
 import gc
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks.common import Section, Target, Timing, markdown_table, measure, profile_table, tensor_nbytes, timing_of
+from benchmarks.common import (
+    Section,
+    Target,
+    Timing,
+    markdown_table,
+    measure,
+    measure_interleaved,
+    profile_table,
+    tensor_nbytes,
+    timing_of,
+)
 from benchmarks.plots import plot_lines
 from spikewalze_cli.config import ModelConfig
 from spikewalze_cli.model import build_model
@@ -76,16 +88,20 @@ def bench_train_step(
 ) -> Section:
     """Time forward+backward+AdamW per token at each T with B = batch_tokens / T sequences."""
     per_token: dict[str, dict[int, Timing]] = {variant: {} for variant in VARIANTS}
+    learned_steps: dict[int, Callable[[], None]] = {}  # kept for the profiles of missed targets
     for seq_len in seq_lens:
         batch_size = max(1, batch_tokens // seq_len)
-        for variant in VARIANTS:
-            cfg = variant_config(base, variant, context=seq_len)
-            step = make_train_step(cfg, vocab_size, batch_size, seq_len)
-            timing = measure(step, repeats=repeats, warmup=1)
+        steps = {
+            variant: make_train_step(variant_config(base, variant, context=seq_len), vocab_size, batch_size, seq_len)
+            for variant in VARIANTS
+        }
+        timings = measure_interleaved(steps, repeats=repeats, warmup=1)
+        for variant, timing in timings.items():
             per_token[variant][seq_len] = timing.scaled(1.0 / (batch_size * seq_len))
             logger.info("train step %s T=%d: %.3f s", variant, seq_len, timing.median)
-            del step
-            release()
+        learned_steps[seq_len] = steps["learned"]
+        del steps, timings
+        release()
 
     rows = []
     for seq_len in seq_lens:
@@ -107,10 +123,12 @@ def bench_train_step(
         logx=True,
     )
 
+    profiles: dict[int, str] = {}
+
     def profile_step(variant: str, seq_len: int) -> str:
-        step = make_train_step(variant_config(base, variant, context=seq_len), vocab_size, max(1, batch_tokens // seq_len), seq_len)
-        step()  # warm-up outside the profile
-        return profile_table(step)
+        if seq_len not in profiles:
+            profiles[seq_len] = profile_table(learned_steps[seq_len])
+        return profiles[seq_len]
 
     targets = []
     short, long = seq_lens[0], seq_lens[-1]
@@ -145,8 +163,8 @@ def bench_train_step(
         title="a. Training step cost per token against sequence length",
         description=(
             f"One forward+backward+AdamW step on random token ids, {batch_tokens} tokens per batch at every T "
-            f"(B = {batch_tokens} / T), median over {repeats} steps after one warm-up step; in brackets the "
-            "interquartile range. `learned`, `always` and `never` are Spike-Walze gate modes (soft gate, as in "
+            f"(B = {batch_tokens} / T), median over {repeats} steps after one warm-up step, the four models taking "
+            "turns; in brackets the interquartile range. `learned`, `always` and `never` are Spike-Walze gate modes (soft gate, as in "
             "training); `gpt` is the full-attention baseline of the same size."
         ),
         table=table,
@@ -163,51 +181,54 @@ def bench_train_step(
 def bench_generation(
     base: ModelConfig, vocab_size: int, positions: list[int], timed_steps: int, spike_rate: float, img_dir: Path
 ) -> Section:
-    """Step one sequence to each position, then time `timed_steps` single-token steps there."""
-    # Room for the timed steps at every position and the 8 profiled steps after the last one.
-    length = positions[-1] + timed_steps * len(positions) + 8
-    models = {"spikewalze": variant_config(base, "learned", context=length)}
-    models["gpt"] = variant_config(base, "gpt", context=length)
-    seconds: dict[str, dict[int, Timing]] = {}
-    state_bytes: dict[str, dict[int, int]] = {}
-    profiles: dict[str, Callable[[], str]] = {}
+    """Step one sequence to each position and copy its state there, then time single-token steps.
 
-    for name, cfg in models.items():
-        torch.manual_seed(0)
-        model = build_model(cfg, vocab_size).eval()
-        if name == "spikewalze":
-            model.set_gate_override(spike_rate)
-        generator = torch.Generator().manual_seed(1)
-        stream = torch.randint(0, vocab_size, (length,), generator=generator)
-        seconds[name], state_bytes[name] = {}, {}
-        with torch.no_grad():
+    The timed steps take turns over all models and positions, so drift in machine load hits all alike.
+    """
+    # Room for the timed steps after the last position and the 8 profiled steps after those.
+    length = positions[-1] + timed_steps + 8
+    configs = {"spikewalze": variant_config(base, "learned", context=length), "gpt": variant_config(base, "gpt", context=length)}
+    generator = torch.Generator().manual_seed(1)
+    stream = torch.randint(0, vocab_size, (length,), generator=generator)
+    models = {}
+    states: dict[tuple[str, int], Any] = {}  # (model, position) -> decoding state after `position` tokens
+    state_bytes: dict[str, dict[int, int]] = {name: {} for name in configs}
+
+    with torch.no_grad():
+        for name, cfg in configs.items():
+            torch.manual_seed(0)
+            model = build_model(cfg, vocab_size).eval()
+            if name == "spikewalze":
+                model.set_gate_override(spike_rate)
+            models[name] = model
             state = model.init_state(1, torch.device("cpu"))
             position = 0
             for target in positions:
                 while position < target:
                     _, state, _ = model.step(stream[position : position + 1], state)
                     position += 1
+                states[(name, target)] = copy.deepcopy(state)
                 state_bytes[name][target] = tensor_nbytes(state)
-                times = []
-                for _ in range(timed_steps):
-                    token = stream[position : position + 1]
-                    start = time.perf_counter()
-                    _, state, _ = model.step(token, state)
-                    times.append(time.perf_counter() - start)
-                    position += 1
-                seconds[name][target] = timing_of(times)
-                logger.info("generation %s at %d: %.2f ms", name, target, seconds[name][target].median * 1e3)
+            logger.info("generation: %s stepped to position %d", name, position)
 
-        def profile_last(model=model, state=state, stream=stream, position=position) -> str:
-            def run() -> None:
-                with torch.no_grad():
-                    current = state
-                    for offset in range(8):
-                        _, current, _ = model.step(stream[position + offset : position + offset + 1], current)
+        samples: dict[tuple[str, int], list[float]] = {key: [] for key in states}
+        for offset in range(timed_steps):
+            for (name, position), state in states.items():
+                token = stream[position + offset : position + offset + 1]
+                start = time.perf_counter()
+                _, states[(name, position)], _ = models[name].step(token, state)
+                samples[(name, position)].append(time.perf_counter() - start)
+    seconds = {name: {p: timing_of(samples[(name, p)]) for p in positions} for name in configs}
 
-            return profile_table(run)
+    def profile_last(name: str) -> str:
+        def run() -> None:
+            with torch.no_grad():
+                state = states[(name, positions[-1])]
+                for offset in range(timed_steps, timed_steps + 8):
+                    token = stream[positions[-1] + offset : positions[-1] + offset + 1]
+                    _, state, _ = models[name].step(token, state)
 
-        profiles[name] = profile_last
+        return profile_table(run)
 
     rows = []
     for position in positions:
@@ -227,12 +248,12 @@ def bench_generation(
     plot = "bench-generation.png"
     plot_lines(
         img_dir / plot,
-        {name: (positions, [seconds[name][p].median * 1e3 for p in positions]) for name in models},
+        {name: (positions, [seconds[name][p].median * 1e3 for p in positions]) for name in configs},
         xlabel="position (tokens already in the state)",
         ylabel="time per generated token (ms)",
         title="Generation: time per token, batch size 1",
         logx=True,
-        second={name: (positions, [state_bytes[name][p] / 1024 for p in positions]) for name in models},
+        second={name: (positions, [state_bytes[name][p] / 1024 for p in positions]) for name in configs},
         second_ylabel="decoding state (KiB)",
     )
 
@@ -245,7 +266,7 @@ def bench_generation(
             "at most 1.15x",
             f"{growth:.2f}x",
             passed,
-            None if passed else profiles["spikewalze"](),
+            None if passed else profile_last("spikewalze"),
         )
     ]
     constant = len(set(state_bytes["spikewalze"].values())) == 1
@@ -261,8 +282,9 @@ def bench_generation(
         key="generation",
         title="b. Generation: time and state memory per token",
         description=(
-            f"Batch size 1, `model.step` one token at a time with the hard gate. The sequence is stepped to each "
-            f"position, then {timed_steps} further steps are timed one by one (median, interquartile range). "
+            f"Batch size 1, `model.step` one token at a time with the hard gate. One sequence is stepped to each "
+            f"position and its decoding state copied there; then {timed_steps} further steps from each copy are timed "
+            "one by one, all models and positions taking turns (median, interquartile range). "
             f"Spike-Walze's gate is forced to spike rate {spike_rate} (the configured target) so the random weights "
             "spike as a trained model would; state bytes are the bytes of all tensors in the decoding state "
             "(ring buffers for Spike-Walze, the KV cache for `gpt`)."
@@ -270,7 +292,7 @@ def bench_generation(
         table=table,
         plots=[plot],
         targets=targets,
-        data={"seconds": {n: {p: seconds[n][p].median for p in positions} for n in models}, "state_bytes": state_bytes},
+        data={"seconds": {n: {p: seconds[n][p].median for p in positions} for n in configs}, "state_bytes": state_bytes},
     )
 
 
@@ -470,13 +492,7 @@ def bench_hf_baseline(base: ModelConfig, config_name: str, vocab_size: int, batc
         "ours (gpt)": make_train_step(cfg, vocab_size, batch_size, seq_len),
         "transformers GPT2LMHeadModel (sdpa)": make_hf_gpt2_step(cfg, vocab_size, batch_size, seq_len),
     }
-    for step in steps.values():
-        step()  # warm-up
-    samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):  # alternate so both see the same machine load
-        for name, step in steps.items():
-            samples[name].append(measure(step, repeats=1, warmup=0).median)
-    timings = {name: timing_of(values) for name, values in samples.items()}
+    timings = measure_interleaved(steps, repeats=repeats, warmup=1)
     ours, theirs = timings["ours (gpt)"].median, timings["transformers GPT2LMHeadModel (sdpa)"].median
     ratio = ours / theirs
     passed = ratio <= 1.1
