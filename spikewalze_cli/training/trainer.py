@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rich.markup import escape
 
 from spikewalze_cli.checkpoint import (
     BEST,
@@ -313,7 +314,7 @@ class Trainer:
                     if self.runtime.is_main:
                         console.print(
                             f"[yellow]{stop.received or 'stop signal'}: stopped after step {self.step}, checkpoint saved.[/] "
-                            f"Resume with:\n  {self.runtime.launcher()} resume {self.run_dir}",
+                            f"Resume with:\n  {self.runtime.launcher()} resume {escape(str(self.run_dir))}",
                             highlight=False,
                             soft_wrap=True,
                         )
