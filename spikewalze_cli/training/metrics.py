@@ -61,8 +61,14 @@ class MetricsLog:
 
     def write(self, record: dict[str, Any]) -> None:
         record = _finite_or_none(record)
-        with self.path.open("a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record, allow_nan=False) + "\n")
+        try:
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record, allow_nan=False) + "\n")
+        except OSError as error:
+            raise UserError(
+                f"failed to append to {self.path}: {error.strerror or error}; free space or fix permissions, "
+                "then resume from the last checkpoint"
+            ) from error
         if self.writer is not None:
             prefix = record["kind"]
             for key, value in _flatten(record).items():
