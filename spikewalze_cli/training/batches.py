@@ -189,7 +189,8 @@ def validation_batches(tokens: Any, context: int, batch_size: int, batches: int,
     validation units are left out.
     """
     pool = UnitPool(tokens, "validation")
-    present = [index for index, count in enumerate(pool.counts) if count > 0 and pool.length[pool.first[index] : pool.first[index] + count].sum() > 0]
+    stage_tokens = [pool.length[pool.first[index] : pool.first[index] + count].sum() for index, count in enumerate(pool.counts)]
+    present = [index for index, tokens_in_stage in enumerate(stage_tokens) if tokens_in_stage > 0]
     if not present:
         raise UserError("the validation split has no tokens; prepare more articles or raise data.validation_fraction")
     per_stage = max(1, math.ceil(batches / len(present)))
