@@ -78,6 +78,8 @@ def open_sources(config: DataConfig) -> list[Source]:
         if not path.is_file():
             raise UserError(f"input is not a file: {path}; pass a parquet, JSONL, .txt or .xml(.bz2) file")
         kind = file_kind(path)
+        if path.stat().st_size == 0:
+            raise UserError(f"input file is empty: {path}; pass a file that contains articles")
         try:
             with path.open("rb") as handle:
                 handle.read(1)
