@@ -21,3 +21,7 @@ def setup_logging(debug: bool = False) -> None:
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler], force=True)
     for noisy in ("datasets", "huggingface_hub", "urllib3", "fsspec", "filelock", "httpx"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        # The dataset loaders log a read error and then raise it, and the command reports it as
+        # one line, so their own multi-line record would only repeat it.
+        logging.getLogger("datasets.packaged_modules").setLevel(logging.CRITICAL)
