@@ -16,6 +16,7 @@ input order, so the output bytes do not depend on the number of processes.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import multiprocessing
 import os
@@ -37,6 +38,7 @@ from spikewalze_cli.data.difficulty import FEATURES, Lexicon, count_words, log_r
 from spikewalze_cli.data.sources import Article, Source, iter_articles, open_sources
 from spikewalze_cli.data.units import SeenParagraphs, pack_units, segment_article, split_position
 from spikewalze_cli.errors import UserError
+from spikewalze_cli.io import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -449,7 +451,12 @@ def _assemble(units_dir: Path, scored_paths: list[Path], thresholds: np.ndarray,
 
     dataset = datasets.concatenate_datasets(parts)
     order = ["article_id", "title", "text", "score", "stage", "split", *FEATURES]
-    dataset = dataset.select_columns(order)
+    # datasets gives a table read from a file a random fingerprint, which save_to_disk writes to
+    # units/state.json; a fingerprint from the content keeps the output byte-identical per input.
+    content = hashlib.sha256(np.asarray(thresholds, dtype=np.float64).tobytes())
+    for path in scored_paths:
+        content.update(sha256_file(path).encode())
+    dataset = dataset.select_columns(order, new_fingerprint=content.hexdigest()[:16])
     bars_enabled = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # the rich bars above already show progress
     try:
