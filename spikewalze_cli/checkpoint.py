@@ -25,6 +25,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -120,6 +121,7 @@ def save_checkpoint(
         temp.mkdir()
 
         save_model(model, str(temp / MODEL_FILE))
+        _test_write_delay()
         optimizer_tensors, optimizer_meta = optimizer_to_tensors(optimizer)
         save_file(optimizer_tensors, str(temp / OPTIMIZER_FILE))
         (temp / STATE_FILE).write_text(json.dumps({**state, "optimizer": optimizer_meta}, indent=1) + "\n")
@@ -145,6 +147,17 @@ def save_checkpoint(
         shutil.rmtree(temp, ignore_errors=True)
         raise UserError(f"failed to write checkpoint {target}: {error.strerror or error}; check free space and permissions") from error
     return target
+
+
+# Test hook: seconds to sleep after the weights of a checkpoint are written, so fault injection
+# tests can kill the process in the middle of a checkpoint write. Unset in normal use.
+WRITE_DELAY_ENV = "SPIKEWALZE_TEST_CHECKPOINT_WRITE_DELAY"
+
+
+def _test_write_delay() -> None:
+    delay = float(os.environ.get(WRITE_DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
 
 
 def _fsync_file(path: Path) -> None:
