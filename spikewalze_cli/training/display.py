@@ -54,7 +54,9 @@ class Display:
         if not self.enabled:
             return
         per_stage = "  ".join(f"{stage} {values['loss']:.3f}" for stage, values in record["stages"].items())
-        spike = f"  spike {record['spike_rate']:.3f}" if record.get("spike_rate") is not None else ""
+        spike = ""
+        if record.get("spike_rate") is not None:
+            spike = f"  spike rate {record['spike_rate']:.3f} (mean gate {record['gate_mean']:.3f})"
         log.info("step %d  validation loss %.4f  bpb %.4f%s  per stage: %s", record["step"], record["loss"], record["bpb"], spike, per_stage)
 
 

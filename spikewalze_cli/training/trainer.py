@@ -253,6 +253,7 @@ class Trainer:
             "loss": loss,
             "bpb": bits_per_byte(loss, float(total[1]), float(total[2])),
             "spike_rate": float(total[3] / total[1]) if has_gates else None,
+            "gate_mean": float(total[4:].mean() / total[1]) if has_gates else None,
             "gate_mean_per_layer": [float(value / total[1]) for value in total[4:]] if has_gates else None,
             "target_rate": self.config.model.spike.target_rate if has_gates else None,
             "stages": stages,
