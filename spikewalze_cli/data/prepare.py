@@ -282,23 +282,43 @@ def prepare_data(config: Config) -> Path:
 def _prepare_into(partial: Path, config: Config, sources: list[Source], workers: Workers) -> dict:
     data = config.data
     scratch = partial / "scratch"
-    summary: dict[str, Any] = {"articles_read": 0, "input_bytes": 0}
+    summary: dict[str, Any] = {}
 
-    # Pass 1: segment articles in the workers; deduplicate, pack and write units here.
+    unit_paths, forced_validation = _segment_pass(scratch, data, sources, workers, summary)
+    rarity_path = _count_pass(scratch, data, unit_paths, workers, summary)
+    scored_paths, train_scores = _score_pass(unit_paths, rarity_path, data, forced_validation, workers)
+
+    # Pass 3: stages by quantiles of the training scores, then the datasets output.
+    thresholds = stage_thresholds(train_scores, data.num_stages)
+    summary["score_quantiles"] = [float(value) for value in thresholds]
+    summary["stage_medians"] = _stage_medians(train_scores, thresholds, data.num_stages)
+    del train_scores
+    summary.update(_assemble(partial / "units", scored_paths, thresholds, data.num_stages, summary["stage_medians"]))
+    shutil.rmtree(scratch)
+    return summary
+
+
+def _segment_pass(scratch: Path, data: DataConfig, sources: list[Source], workers: Workers, summary: dict) -> tuple[list[Path], str | None]:
+    """Pass 1: segment articles in the workers, then deduplicate, pack and write units here.
+
+    Returns the unit shards and the article moved to validation when the hash split left it
+    empty (else None). Fills the article, byte and paragraph counts of `summary`.
+    """
     writer = ShardWriter(scratch)
     seen = SeenParagraphs()
-    paragraphs_kept = duplicates = articles_without_units = 0
+    summary.update(articles_read=0, input_bytes=0, paragraphs_kept=0, duplicate_paragraphs_removed=0, articles_without_units=0)
     split_counts = Counter()
     first_train: tuple[float, str] | None = None  # lowest split position among training articles
 
+    def on_read(size: int) -> None:
+        summary["input_bytes"] += size
+
+    # NOTE: this process reads the input alone (about 20 MB/s from parquet through `datasets`),
+    # which bounds the speed on many cores; see docs/benchmarks-data.md.
+    articles = iter_articles(sources, data.max_articles)
+    chunks = ((chunk, data.min_paragraph_chars, data.max_unit_chars) for chunk in _chunks(articles, on_read))
     with _progress() as progress:
         task = progress.add_task("segment", total=data.max_articles, unit=" articles", bytes=0)
-
-        def on_read(size: int) -> None:
-            summary["input_bytes"] += size
-
-        articles = iter_articles(sources, data.max_articles)
-        chunks = ((chunk, data.min_paragraph_chars, data.max_unit_chars) for chunk in _chunks(articles, on_read))
         for results in workers.map(_segment_chunk, chunks):
             for article_id, title, paragraphs in results:
                 kept = []
@@ -306,11 +326,11 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
                     if seen.add(paragraph_hash):
                         kept.append(pieces)
                     else:
-                        duplicates += 1
-                paragraphs_kept += len(kept)
+                        summary["duplicate_paragraphs_removed"] += 1
+                summary["paragraphs_kept"] += len(kept)
                 units = pack_units(kept, data.min_unit_chars, data.max_unit_chars)
                 if not units:
-                    articles_without_units += 1
+                    summary["articles_without_units"] += 1
                     continue
                 writer.add(article_id, title, units)
 
@@ -323,14 +343,13 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
             progress.update(task, completed=summary["articles_read"], bytes=summary["input_bytes"])
         writer.flush()
 
-    summary.update(paragraphs_kept=paragraphs_kept, duplicate_paragraphs_removed=duplicates)
-    summary["articles_without_units"] = articles_without_units
+    locations = ", ".join(source.location for source in sources)
     if summary["articles_read"] == 0:
-        raise UserError(f"no articles found in {', '.join(s.location for s in sources)}; check the input files")
+        raise UserError(f"no articles found in {locations}; check the input files")
     if not writer.paths:
         raise UserError(
-            f"no usable text in {', '.join(s.location for s in sources)}: {summary['articles_read']} articles read, "
-            f"but no paragraph has data.min_paragraph_chars={data.min_paragraph_chars} characters and a word"
+            f"no usable text in {locations}: {summary['articles_read']} articles read, but no paragraph has "
+            f"data.min_paragraph_chars={data.min_paragraph_chars} characters and a word"
         )
 
     # With few articles the hash split can leave validation empty. Then the training article with
@@ -338,26 +357,28 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
     forced_validation = None
     if split_counts["validation"] == 0 and split_counts["train"] > 1 and first_train is not None:
         forced_validation = first_train[1]
+        split_counts["train"] -= 1
+        split_counts["validation"] += 1
         log.info("no article fell into validation by hash; moving article %s there", forced_validation)
     elif split_counts["validation"] == 0:
         log.warning("only one article with text: the validation split is empty")
-    if forced_validation is not None:
-        split_counts["train"] -= 1
-        split_counts["validation"] += 1
-    summary["articles"] = {"train": split_counts["train"], "validation": split_counts["validation"]}
     if split_counts["train"] == 0:
         raise UserError(
             f"all {split_counts['validation']} articles fell into the validation split; "
             "lower data.validation_fraction or add articles"
         )
+    summary["articles"] = {"train": split_counts["train"], "validation": split_counts["validation"]}
+    return writer.paths, forced_validation
 
-    # Pass 2a: corpus word frequencies for the rarity feature.
+
+def _count_pass(scratch: Path, data: DataConfig, unit_paths: list[Path], workers: Workers, summary: dict) -> Path:
+    """Pass 2a: count corpus word frequencies and write the rarity table; return its path."""
     counts: Counter = Counter()
     total_words = 0
     pruned = False
     with _progress() as progress:
-        task = progress.add_task("count words", total=len(writer.paths), unit=" shards")
-        for shard_counts in workers.map(_count_shard, writer.paths):
+        task = progress.add_task("count words", total=len(unit_paths), unit=" shards")
+        for shard_counts in workers.map(_count_shard, unit_paths):
             total_words += sum(shard_counts.values())
             counts.update(shard_counts)
             if len(counts) > 2 * data.max_vocab:
@@ -365,16 +386,21 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
                 counts = Counter(dict(counts.most_common(data.max_vocab)))
                 pruned = True
             progress.advance(task)
+
     rarity_path = scratch / "rarity.arrow"
     vocabulary = _write_rarity(rarity_path, counts, total_words)
     summary["vocabulary"] = {"word_tokens": total_words, "word_types_kept": vocabulary, "pruned": pruned}
-    del counts
+    return rarity_path
 
-    # Pass 2b: features, score and split of every unit.
-    scored_paths = [path.with_name(path.name.replace("units-", "scored-")) for path in writer.paths]
+
+def _score_pass(
+    unit_paths: list[Path], rarity_path: Path, data: DataConfig, forced_validation: str | None, workers: Workers
+) -> tuple[list[Path], np.ndarray]:
+    """Pass 2b: features, score and split of every unit; return the scored shards and the training scores."""
+    scored_paths = [path.with_name(path.name.replace("units-", "scored-")) for path in unit_paths]
     tasks = [
         (source, target, rarity_path, data.seed, data.validation_fraction, forced_validation)
-        for source, target in zip(writer.paths, scored_paths)
+        for source, target in zip(unit_paths, scored_paths)
     ]
     train_scores = []
     with _progress() as progress:
@@ -382,18 +408,10 @@ def _prepare_into(partial: Path, config: Config, sources: list[Source], workers:
         for shard_scores in workers.map(_score_shard, tasks):
             train_scores.append(shard_scores)
             progress.advance(task)
-    for path in writer.paths:
-        path.unlink()
 
-    # Pass 3: stages by quantiles of the training scores, then the datasets output.
-    train_scores_all = np.concatenate(train_scores)
-    thresholds = stage_thresholds(train_scores_all, data.num_stages)
-    summary["score_quantiles"] = [float(value) for value in thresholds]
-    summary["stage_medians"] = _stage_medians(train_scores_all, thresholds, data.num_stages)
-    del train_scores, train_scores_all
-    summary.update(_assemble(partial / "units", scored_paths, thresholds, data.num_stages, summary["stage_medians"]))
-    shutil.rmtree(scratch)
-    return summary
+    for path in unit_paths:
+        path.unlink()
+    return scored_paths, np.concatenate(train_scores)
 
 
 def stage_thresholds(train_scores: np.ndarray, num_stages: int) -> np.ndarray:

@@ -140,6 +140,8 @@ def _tidy(text: str) -> str:
     return BLANK_LINES_RE.sub("\n\n", text).strip()
 
 
+# NOTE: mwparserfromhell's parse is the bottleneck of the XML dump path, at about 2 to 4 MB of
+# wikitext per CPU second even after `_drop_blocks` (see docs/benchmarks-data.md).
 def wikitext_to_text(wikitext: str) -> str:
     """Return the plain text of a wikitext article, paragraphs separated by a blank line.
 
