@@ -201,6 +201,7 @@ def bench_quality(
         steps = max(1, int(0.85 * budget_s / step_s))
         overrides += [
             f"train.max_steps={steps}",
+            f"train.warmup_steps={max(1, steps // 10)}",  # the config's warm-up can exceed a short budget's steps
             f"train.eval_interval={steps}",
             f"train.checkpoint_interval={steps}",
             f"train.peak_flops={peak:.4g}",  # skips the trainer's own peak measurement, which only its display uses
@@ -255,8 +256,8 @@ def bench_quality(
             f"Each model trains from scratch with `spikewalze train` for at most {budget_s:.0f} s of wall-clock time, "
             f"start-up included, with the same data, tokenizer and config ({config.name}; overrides "
             f"{' '.join(extra_overrides) or 'none'}). The planned steps come from timing one optimizer step of each "
-            "model in the benchmark process (85% of the budget over the step time), so the learning-rate decay and the "
-            "curriculum end near the budget; a run still going when the budget is spent gets SIGTERM, finishes its "
+            "model in the benchmark process (85% of the budget over the step time), with a warm-up of a tenth of "
+            "them, so the learning-rate decay and the curriculum end near the budget; a run still going when the budget is spent gets SIGTERM, finishes its "
             "step and saves. `spikewalze evaluate` then reads the validation split with the soft and the hard gate "
             "(`gpt` has no gate). Inference FLOPs per token are the hard-gate count at the measured spike rate."
         ),
