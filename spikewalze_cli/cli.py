@@ -6,6 +6,7 @@ Path flags override the matching config keys. Errors the user can fix print one 
 
 from __future__ import annotations
 
+import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +73,12 @@ def _run(debug: bool, action: Callable[[], Any]) -> None:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence of a CLI
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # Writers outside spikewalze_cli.io (Arrow, datasets, safetensors) raise a bare OSError.
+            if debug:
+                console.print_exception()
+            console.print(f"[bold red]error:[/] {error}; free space and run the command again", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
         if debug:
             console.print_exception()
         else:
