@@ -143,9 +143,13 @@ def save_checkpoint(
         os.replace(temp, target)
         fsync_directory(root)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # safetensors reports a full disk as SafetensorError
         shutil.rmtree(temp, ignore_errors=True)
-        raise UserError(f"failed to write checkpoint {target}: {error.strerror or error}; check free space and permissions") from error
+        detail = getattr(error, "strerror", None) or error
+        raise UserError(f"failed to write checkpoint {target}: {detail}; check free space and permissions") from error
+    except UserError:  # atomic_write_json reports its own OSError as UserError
+        shutil.rmtree(temp, ignore_errors=True)
+        raise
     return target
 
 
