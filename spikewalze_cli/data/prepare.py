@@ -16,6 +16,7 @@ input order, so the output bytes do not depend on the number of processes.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import multiprocessing
@@ -237,6 +238,19 @@ def _check_output(out: Path) -> None:
         raise UserError(f"output directory {out} is not empty and contains no prepared data (no manifest.json); choose another --out or remove it")
 
 
+def _write_error(error: OSError, out: Path) -> Exception:
+    """Turn a full disk or a permission problem into a UserError; return other errors unchanged.
+
+    pyarrow raises OSError without `errno` set, so its message is checked as well.
+    """
+    text = str(error)
+    if error.errno == errno.ENOSPC or "No space left on device" in text:
+        return UserError(f"No space left on device while writing {out}; free space and run prepare-data again")
+    if error.errno in (errno.EACCES, errno.EPERM, errno.EROFS) or "Permission denied" in text:
+        return UserError(f"cannot write {out}: permission denied; choose a writable --out")
+    return error
+
+
 def _replace_directory(partial: Path, out: Path) -> None:
     """Move the finished `partial` into place; an older complete output is removed after the swap."""
     old = out.parent / f".{out.name}.old"
@@ -261,14 +275,17 @@ def prepare_data(config: Config) -> Path:
 
     partial = out.parent / f".{out.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)  # a run that was killed leaves this behind
-    (partial / "scratch").mkdir(parents=True)
     workers = Workers(_num_workers(data))
     started = time.perf_counter()
     try:
+        (partial / "scratch").mkdir(parents=True)
         summary = _prepare_into(partial, config, sources, workers)
         summary["seconds"] = round(time.perf_counter() - started, 3)
         _finish(partial, config, sources, summary)
         _replace_directory(partial, out)
+    except OSError as error:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise _write_error(error, out) from None
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
