@@ -191,10 +191,12 @@ def prepare_command(shared_data: Path, out: Path) -> list[str]:
 @pytest.mark.slow
 @pytest.mark.parametrize("marker", [".data.partial/scratch", ".data.partial/units"], ids=["segmenting", "saving"])
 def test_sigkill_prepare_data_then_rerun(shared_data: Path, tmp_path: Path, marker: str):
-    reference = tmp_path / "reference" / "data"
-    assert subprocess.run(prepare_command(shared_data, reference), env=subprocess_env(), capture_output=True).returncode == 0
-
+    # The uninterrupted run writes to the same path, because config.yaml records the output path.
     out = tmp_path / "data"
+    assert subprocess.run(prepare_command(shared_data, out), env=subprocess_env(), capture_output=True).returncode == 0
+    reference = tree_digest(out)
+    shutil.rmtree(out)
+
     process = subprocess.Popen(prepare_command(shared_data, out), env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while process.poll() is None and not (tmp_path / marker).exists():
         time.sleep(0.002)
@@ -208,8 +210,8 @@ def test_sigkill_prepare_data_then_rerun(shared_data: Path, tmp_path: Path, mark
 
     rerun = subprocess.run(prepare_command(shared_data, out), env=subprocess_env(), capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
-    assert tree_digest(out) == tree_digest(reference)
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["data", "reference"]
+    assert tree_digest(out) == reference
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["data"]
 
 
 # ----------------------------------------------------------------------------------------------
