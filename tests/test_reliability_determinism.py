@@ -53,7 +53,7 @@ def test_prepare_and_tokenizer_byte_identical(shared_data: Path, tmp_path: Path)
     assert "units/state.json" in first[0]
     assert first[0] == second[0]
     # The tokenizer manifest records the sha256 of the data manifest, which contains the time
-    # prepare-data ran; everything else in the tokenizer directory must match byte for byte.
+    # prepare-data ran. Everything else in the tokenizer directory must match byte for byte.
     for tokenizer_digest in (first[1], second[1]):
         manifest = json.loads(tokenizer_digest["manifest.json"])
         assert len(manifest.pop("data_manifest_sha256")) == 64
