@@ -163,7 +163,7 @@ def test_sigterm_saves_and_resumes(tiny_run_inputs, tmp_path: Path):
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env())
 
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 300
     while time.monotonic() < deadline and process.poll() is None:
         if (run_dir / "metrics.jsonl").is_file() and len(train_records(run_dir)) >= 2:
             break
