@@ -176,6 +176,7 @@ def _read_table(source: Source) -> Iterator[Article]:
 
 def _read_text(source: Source) -> Iterator[Article]:
     """Read a plain text file as one article titled by the file name."""
+    # NOTE: the whole file is read into memory at once, so split very large text files first.
     path = Path(source.location)
     try:
         text = path.read_bytes().decode("utf-8")
