@@ -447,10 +447,13 @@ def _si(value: float | None) -> str:
     """Format a count with an SI prefix: 1234567 -> 1.23M."""
     if value is None:
         return "-"
-    for prefix, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+    prefix = ""
+    for name, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
-            return f"{value / scale:.3g}{prefix}"
-    return f"{value:.3g}"
+            prefix, value = name, value / scale
+            break
+    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    return f"{value:.{digits}f}{prefix}"
 
 
 def _print_report(report: dict) -> None:
