@@ -131,8 +131,8 @@ class Trainer:
     def save(self, name: str | None = None) -> Path | None:
         """Write a checkpoint on rank 0 (all ranks wait) and prune old ones; return its path on rank 0."""
         path = None
-        # NOTE: if rank 0 fails to write (UserError), the other ranks wait at the barrier below
-        # until the process group times out.
+        # When rank 0 fails to write (UserError), the other ranks wait at the barrier below until
+        # torchrun, seeing rank 0 exit, stops them.
         if self.runtime.is_main:
             path = save_checkpoint(self.run_dir, name or step_name(self.step), self.model, self.optimizer, self.state())
             if name is None:
