@@ -233,7 +233,11 @@ def latest_checkpoint(run_dir: Path) -> Path:
         return directory
     if not (run_dir / RUN_FILE).is_file():
         raise UserError(f"{run_dir} is not a run directory (no {RUN_FILE}); pass the --out directory of `spikewalze train`")
-    raise UserError(f"no complete checkpoint in {run_dir / CHECKPOINTS}; start the run again with `spikewalze train`")
+    # `train` rejects a directory that contains run.json, so the advice must include deleting it.
+    raise UserError(
+        f"no complete checkpoint in {run_dir / CHECKPOINTS}, so the run stopped before its first one; "
+        f"delete {run_dir} and start the run again with `spikewalze train`"
+    )
 
 
 # --------------------------------------------------------------------------- reading
