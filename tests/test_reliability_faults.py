@@ -420,3 +420,22 @@ def test_pickled_token_index_never_runs(tiny_run_inputs, tmp_path: Path):
         TokenStore(tokenizer).units("train", "A")
 
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_sigkill_before_first_checkpoint(tiny_run_inputs, tmp_path: Path):
+    run_dir = tmp_path / "run"
+    env = subprocess_env(**{WRITE_DELAY_ENV: "3"})
+    process = subprocess.Popen(train_command(tiny_run_inputs, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    while process.poll() is None and not half_written_checkpoints(run_dir):
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "training finished before the kill"
+
+    result = CliRunner().invoke(app, ["resume", str(run_dir)])
+
+    assert_one_error_line(result, "no complete checkpoint", f"delete {run_dir}", "spikewalze train")
+    shutil.rmtree(run_dir)  # what the message says to do
+    train(run_config(tiny_run_inputs, run_dir, "train.max_steps=2", "train.checkpoint_interval=2"))
+    verify_checkpoint(run_dir / "checkpoints" / "step-00000002")
