@@ -62,11 +62,11 @@ class Settings:
     quality_config: Path = REPO / "configs" / "tiny.yaml"
     quality_max_articles: int | None = None
     quality_vocab_size: int | None = None  # null: tokenizer.vocab_size of quality_config
-    quality_budget_s: float = 150.0
+    quality_budget_s: float = 120.0
     quality_overrides: list[str] = field(default_factory=lambda: ["train.batch_tokens=4096", "train.eval_batches=4"])
-    eval_overrides: list[str] = field(default_factory=lambda: ["eval.max_batches=40"])
-    curriculum_steps: int = 60
-    curriculum_evals: int = 6
+    eval_overrides: list[str] = field(default_factory=lambda: ["eval.max_batches=5"])
+    curriculum_steps: int = 30
+    curriculum_evals: int = 3
     curriculum_overrides: list[str] = field(default_factory=lambda: ["train.batch_tokens=4096", "train.eval_batches=4"])
 
     @classmethod
@@ -92,8 +92,8 @@ class Settings:
             quality_max_articles=300,
             quality_budget_s=30.0,
             quality_overrides=["train.batch_tokens=4096", "train.eval_batches=2", "train.log_interval=5"],
-            eval_overrides=["eval.max_batches=8"],
-            curriculum_steps=30,
+            eval_overrides=["eval.max_batches=2"],
+            curriculum_steps=12,
             curriculum_evals=3,
         )
 

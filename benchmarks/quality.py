@@ -166,7 +166,7 @@ def last_step(records: list[dict[str, Any]]) -> int:
 # d. Quality at equal wall-clock budget, and g. spike rate per stage
 
 
-def estimate_step_seconds(config: Path, overrides: list[str], vocab_size: int, repeats: int = 2) -> float:
+def estimate_step_seconds(config: Path, overrides: list[str], vocab_size: int, repeats: int = 3) -> float:
     """Time the optimizer step of a config in this process: one batch of train.batch_tokens tokens."""
     cfg = load_config(config, overrides)
     batch_size = max(1, cfg.train.batch_tokens // cfg.model.context)
@@ -196,9 +196,10 @@ def bench_quality(
     for variant in variants:
         overrides = [*extra_overrides, *variant_overrides(variant)]
         step_s = estimate_step_seconds(config, overrides, vocab_size)
-        # NOTE: 0.85 leaves room for start-up, data loading and the final validation; the SIGTERM
-        # stop keeps the budget when the estimate is too optimistic.
-        steps = max(1, int(0.85 * budget_s / step_s))
+        # NOTE: the plan ignores start-up and validation time, so a run usually meets the SIGTERM stop
+        # a little before max_steps; planning fewer steps would leave budget unused when the machine
+        # load drops during the run.
+        steps = max(1, int(budget_s / step_s))
         overrides += [
             f"train.max_steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}",  # the config's warm-up can exceed a short budget's steps
@@ -256,7 +257,7 @@ def bench_quality(
             f"Each model trains from scratch with `spikewalze train` for at most {budget_s:.0f} s of wall-clock time, "
             f"start-up included, with the same data, tokenizer and config ({config.name}; overrides "
             f"{' '.join(extra_overrides) or 'none'}). The planned steps come from timing one optimizer step of each "
-            "model in the benchmark process (85% of the budget over the step time), with a warm-up of a tenth of "
+            "model in the benchmark process (budget over step time), with a warm-up of a tenth of "
             "them, so the learning-rate decay and the curriculum end near the budget; a run still going when the budget is spent gets SIGTERM, finishes its "
             "step and saves. `spikewalze evaluate` then reads the validation split with the soft and the hard gate "
             "(`gpt` has no gate). Inference FLOPs per token are the hard-gate count at the measured spike rate."
