@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
+from rich.markup import escape
 
 from spikewalze_cli import __version__
 from spikewalze_cli.config import Config, load_config
@@ -59,6 +60,11 @@ def _root(
     """Train, evaluate and sample Spike-Walze language models on German Wikipedia."""
 
 
+def _print_error(label: str, message: str) -> None:
+    """Print one error line; the message is escaped, so brackets in paths or errors print as they are."""
+    console.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def _run(debug: bool, action: Callable[[], Any]) -> None:
     """Run `action`, turning known failures into one line on stderr and a non-zero exit."""
     setup_logging(debug)
@@ -67,26 +73,20 @@ def _run(debug: bool, action: Callable[[], Any]) -> None:
     except UserError as error:
         if debug:
             console.print_exception()
-        console.print(f"[bold red]error:[/] {error}", highlight=False, markup=True, soft_wrap=True)
+        _print_error("error", str(error))
         raise typer.Exit(2) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
         raise typer.Exit(130) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence of a CLI
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            # Writers outside spikewalze_cli.io (Arrow, datasets, safetensors) raise a bare OSError.
-            if debug:
-                console.print_exception()
-            console.print(f"[bold red]error:[/] {error}; free space and run the command again", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
         if debug:
             console.print_exception()
-        else:
-            console.print(
-                f"[bold red]internal error:[/] {type(error).__name__}: {error} (rerun with --debug for the traceback)",
-                highlight=False,
-                soft_wrap=True,
-            )
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            # Writers outside spikewalze_cli.io (Arrow, datasets, safetensors) raise a bare OSError.
+            _print_error("error", f"{error}; free space and run the command again")
+            raise typer.Exit(2) from None
+        if not debug:
+            _print_error("internal error", f"{type(error).__name__}: {error} (rerun with --debug for the traceback)")
         raise typer.Exit(1) from None
 
 
