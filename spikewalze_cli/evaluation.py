@@ -31,7 +31,8 @@ JSON written by `--json FILE` (figures are floats unless noted, null where they 
             to the expert); null for gpt
         spike_rate_per_layer: list with one rate per layer; null for gpt
         flops_per_token: forward FLOPs per token; with the hard gate at the measured spike rate,
-            with the soft gate the dense figure, because the soft gate runs the expert for every token
+            with the soft gate the dense figure, because the soft gate runs the expert for every
+            token (except with spike.mode never, where no token runs it)
         flops_per_token_dense: forward FLOPs per token with the expert run for every token
         tokens_per_second: scored tokens over the wall time of the forward passes
         per_stage: {stage letter: {loss, perplexity, bits_per_byte, tokens, bytes, spike_rate,
@@ -397,9 +398,9 @@ def _flops(cfg: ModelConfig, vocab_size: int, context: int, gate_mode: str, spik
     from spikewalze_cli.model.flops import forward_flops_per_token
 
     if gate_mode == "soft":
-        # The soft gate scales the expert output, so the expert runs for every token and the
-        # soft-gate cost is the dense one, whatever the mean gate value.
-        spike_rate = 1.0
+        # The soft gate scales the expert output, so the expert runs for every token, whatever
+        # the mean gate value. None counts that (and no expert at all with spike.mode never).
+        spike_rate = None
     count = forward_flops_per_token(cfg, vocab_size, context, spike_rate=spike_rate)
     return {"flops_per_token": float(count.actual), "flops_per_token_dense": float(count.dense)}
 
