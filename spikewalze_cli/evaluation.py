@@ -401,6 +401,9 @@ def _flops(cfg: ModelConfig, vocab_size: int, context: int, gate_mode: str, spik
         # The soft gate scales the expert output, so the expert runs for every token, whatever
         # the mean gate value. None counts that (and no expert at all with spike.mode never).
         spike_rate = None
+    # NOTE: the count takes one rate for all layers. Layer cost is linear in the rate except for
+    # the key/value projections, counted in every layer while the mean rate is above 0, so a layer
+    # that spikes no token at all is overcounted by those projections.
     count = forward_flops_per_token(cfg, vocab_size, context, spike_rate=spike_rate)
     return {"flops_per_token": float(count.actual), "flops_per_token_dense": float(count.dense)}
 
