@@ -43,6 +43,20 @@ SetOption = Annotated[
     ),
 ]
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show full tracebacks on errors.")]
+# evaluate and generate take the model, data and training settings from the run.
+InferenceConfigOption = Annotated[
+    Optional[Path],
+    typer.Option("--config", "-c", help="YAML config file whose eval and generate sections replace the run's.", show_default=False),
+]
+InferenceSetOption = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override an eval.* or generate.* key, e.g. --set eval.max_batches=10. The value is parsed as YAML. Repeatable.",
+        show_default=False,
+    ),
+]
 
 
 def _version_callback(value: bool) -> None:
@@ -199,8 +213,8 @@ def evaluate_command(
         typer.Option("--context", help="Context length in tokens. Repeatable. Default: the training context.", show_default=False),
     ] = None,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the figures to this JSON file.", show_default=False)] = None,
-    config: ConfigOption = None,
-    set: SetOption = None,
+    config: InferenceConfigOption = None,
+    set: InferenceSetOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Report loss, perplexity, bits per byte, spike rates and FLOPs per token, soft and hard gate."""
@@ -235,8 +249,8 @@ def generate_command(
     ] = None,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed. Default: generate.seed (0).", show_default=False)] = None,
     show_spikes: Annotated[bool, typer.Option("--show-spikes", help="Colour each token by how many layers ran the expert.")] = False,
-    config: ConfigOption = None,
-    set: SetOption = None,
+    config: InferenceConfigOption = None,
+    set: InferenceSetOption = None,
     debug: DebugOption = False,
 ) -> None:
     """Generate German text token by token with the hard gate and constant-size decoding state."""
