@@ -173,7 +173,12 @@ def prune_checkpoints(run_dir: Path, keep: int) -> None:
     """Delete all but the newest `keep` complete step checkpoints (never `best`)."""
     complete, _ = find_checkpoints(run_dir)
     for old in complete[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        # Rename before deleting: a kill in the middle of rmtree then leaves a hidden directory
+        # that is reported as partial, not a step directory whose manifest outlives its files.
+        doomed = old.with_name(f".old-{old.name}-{os.getpid()}")
+        shutil.rmtree(doomed, ignore_errors=True)
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- finding and verifying
