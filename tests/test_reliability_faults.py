@@ -154,9 +154,11 @@ def test_sigkill_training_five_times_then_resume(tiny_run_inputs, tmp_path: Path
         if moment == "checkpoint":
             assert any(name.startswith(".tmp-step-") for name in partial_seen)
 
-    with caplog.at_level("WARNING"):
+    newest = find_checkpoints(run_dir)[0][-1]
+    with caplog.at_level("INFO"):
         resume(run_dir)
 
+    assert any(f"from checkpoints/{newest.name}" in record.getMessage() for record in caplog.records)
     for name in partial_seen:
         assert any(name in record.getMessage() and "partial" in record.getMessage() for record in caplog.records)
     final = run_dir / "checkpoints" / "step-00000016"
