@@ -326,7 +326,7 @@ def prompt_of_100000_characters(world: World) -> Call:
     prompt = ("Aachen liegt im Westen. " * 5000)[:100_000]
     return Call(
         ["generate", str(world.trained_run), "--prompt", prompt, "--max-new-tokens", "2", "--temperature", "0"],
-        ["2 tokens"],
+        ["tokens/s"],
         exit_code=0,
     )
 
@@ -409,7 +409,7 @@ def test_debug_shows_traceback(world: World):
 
 @pytest.mark.slow
 def test_fifty_megabyte_line_bounded_memory(tmp_path: Path):
-    """One 50 MB line without a newline becomes units of at most 2,000 characters, with peak memory under 1.5 GB."""
+    """One 50 MB line without a newline becomes units of at most 2,000 characters, with peak memory under 1 GiB (about 0.3 GiB measured)."""
     path = tmp_path / "eine-zeile.txt"
     path.write_text(("Die Stadt liegt am Fluss und hat viele Brücken " * 1_100_000)[:50_000_000], encoding="utf-8")
     out = tmp_path / "data"
@@ -429,4 +429,4 @@ def test_fifty_megabyte_line_bounded_memory(tmp_path: Path):
     units = open_units(out)
     assert len(units) > 20_000
     assert max(len(text) for text in units["text"]) <= 2000
-    assert usage.ru_maxrss < 1_500_000, f"peak resident memory {usage.ru_maxrss / 1024:.0f} MiB"
+    assert usage.ru_maxrss < 1 << 20, f"peak resident memory {usage.ru_maxrss / 1024:.0f} MiB"
