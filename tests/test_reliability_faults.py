@@ -2,7 +2,7 @@
 
 Each case uses the real commands on the tiny inputs. A kill is a real SIGKILL of a real process.
 A full disk is a small tmpfs where mounting one is allowed (root on Linux). Everywhere, an
-os.fsync that fails with ENOSPC stands in for it too, as fsync(2) does on filesystems that
+os.fsync that fails with ENOSPC simulates it as well, as fsync(2) fails on filesystems that
 allocate space only when data is flushed (NFS, for example).
 """
 
@@ -381,7 +381,7 @@ def rewrite_manifest(checkpoint: Path) -> None:
 def write_pickle(path: Path, marker: Path, style: str) -> None:
     if style == "pickle":
         path.write_bytes(pickle.dumps({"weight": CreatesFile(marker)}))
-    else:  # torch.save: a zip archive with a pickle inside, what a .pt or .bin checkpoint holds
+    else:  # torch.save: a zip archive with a pickle inside, the format of .pt and .bin checkpoints
         torch.save({"weight": CreatesFile(marker)}, path)
 
 
@@ -438,6 +438,6 @@ def test_sigkill_before_first_checkpoint(tiny_run_inputs, tmp_path: Path):
     result = CliRunner().invoke(app, ["resume", str(run_dir)])
 
     assert_one_error_line(result, "no complete checkpoint", f"delete {run_dir}", "spikewalze train")
-    shutil.rmtree(run_dir)  # what the message says to do
+    shutil.rmtree(run_dir)  # the fix the error message gives
     train(run_config(tiny_run_inputs, run_dir, "train.max_steps=2", "train.checkpoint_interval=2"))
     verify_checkpoint(run_dir / "checkpoints" / "step-00000002")
