@@ -166,6 +166,17 @@ def test_sigkill_training_five_times_then_resume(tiny_run_inputs, tmp_path: Path
     assert_checkpoints_readable(run_dir)
 
 
+def test_resume_after_half_written_metrics_line(tiny_run_inputs, tmp_path: Path):
+    run_dir = train(run_config(tiny_run_inputs, tmp_path / "run", "train.max_steps=3"))
+    with (run_dir / "metrics.jsonl").open("a") as handle:
+        handle.write('{"kind": "train", "step": 4, "lo')  # a kill in the middle of a line
+
+    resume(run_dir, overrides=["train.max_steps=4"])
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [record["step"] for record in records if record["kind"] == "train"] == [1, 2, 3, 4]
+
+
 # ----------------------------------------------------------------------------------------------
 # SIGKILL during prepare-data
 
