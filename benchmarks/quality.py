@@ -185,9 +185,8 @@ def bench_quality(
 ) -> tuple[Section, Section]:
     """Train learned/always/never/gpt for the same wall-clock budget; evaluate each on validation.
 
-    Each run gets max_steps from a timing of its optimizer step in this process, so the learning
-    rate decay and the curriculum finish near the end of the budget. A run still going when the
-    budget is spent is stopped with SIGTERM.
+    Each run gets max_steps from a timing of its optimizer step in this process and is stopped
+    with SIGTERM when the budget is spent, so all runs train for the same wall-clock time.
     """
     variants = ("learned", "always", "never", "gpt")
     vocab_size = int(json.loads((corpus.tokenizer_dir / "manifest.json").read_text(encoding="utf-8"))["vocab_size"])
@@ -196,10 +195,10 @@ def bench_quality(
     for variant in variants:
         overrides = [*extra_overrides, *variant_overrides(variant)]
         step_s = estimate_step_seconds(config, overrides, vocab_size)
-        # NOTE: the plan ignores start-up and validation time, so a run usually meets the SIGTERM stop
-        # a little before max_steps; planning fewer steps would leave budget unused when the machine
-        # load drops during the run.
-        steps = max(1, int(budget_s / step_s))
+        # Plan 1.5x the steps the estimate allows, so every run is stopped by the time limit, not by
+        # max_steps, even when the machine gets faster during the run. NOTE: the cosine decay then
+        # ends about two thirds of the way, the same for every model.
+        steps = max(1, int(1.5 * budget_s / step_s))
         overrides += [
             f"train.max_steps={steps}",
             f"train.warmup_steps={max(1, steps // 10)}",  # the config's warm-up can exceed a short budget's steps
@@ -256,11 +255,10 @@ def bench_quality(
         description=(
             f"Each model trains from scratch with `spikewalze train` for at most {budget_s:.0f} s of wall-clock time, "
             f"start-up included, with the same data, tokenizer and config ({config.name}; overrides "
-            f"{' '.join(extra_overrides) or 'none'}). The planned steps come from timing one optimizer step of each "
-            "model in the benchmark process (budget over step time), with a warm-up of a tenth of "
-            "them, so the learning-rate decay and the curriculum end near the budget; a run still going when the budget is spent gets SIGTERM, finishes its "
-            "step and saves. `spikewalze evaluate` then reads the validation split with the soft and the hard gate "
-            "(`gpt` has no gate). Inference FLOPs per token are the hard-gate count at the measured spike rate."
+            f"{' '.join(extra_overrides) or 'none'}). max_steps is 1.5 times the steps that fit the budget at the step "
+            "time measured for each model in the benchmark process, with a warm-up of a tenth of them, and every run "
+            "gets SIGTERM when the budget is spent, finishes its step and saves. `spikewalze evaluate` then reads "
+            "the validation split with the soft and the hard gate (`gpt` has no gate). Inference FLOPs per token are the hard-gate count at the measured spike rate."
         ),
         table=table,
         plots=[plot],
