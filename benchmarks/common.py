@@ -114,7 +114,8 @@ class Target:
     goal: str
     reached: str
     passed: bool
-    profile: str | None = None  # torch.profiler table that explains a miss
+    profile: str | None = None  # torch.profiler table (or other text) that explains a miss
+    profile_caption: str = "`torch.profiler` operators of one call of the case that missed, top 10 by self CPU time:"
 
 
 @dataclass

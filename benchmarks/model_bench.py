@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import quality, speed
-from benchmarks.common import Section, git_revision, load_average, machine_info
+from benchmarks.common import Section, Target, git_revision, load_average, machine_info
 from benchmarks.report import now, write_page
 from spikewalze_cli.config import ModelConfig, load_config
 
@@ -246,6 +246,32 @@ def run_benchmarks(
     return [sections[key] for key in ALL_SECTIONS if key in sections]
 
 
+def render_from_results(work_dir: Path, out_dir: Path, page: str) -> None:
+    """Rewrite the page from work_dir/results.json with the current layout, running nothing.
+
+    Explanations that later code derives from stored figures (the FLOP breakdown and the unigram
+    scale of section d) are added where the stored run lacks them.
+    """
+    results = json.loads((work_dir / "results.json").read_text(encoding="utf-8"))
+    sections = []
+    for stored in results["sections"]:
+        targets = [Target(**target) for target in stored.pop("targets")]
+        section = Section(**stored, targets=targets)
+        if section.key == "quality":
+            for variant, figures in section.data.items():
+                if figures.get("unigram_bpb") is None:
+                    figures["unigram_bpb"] = quality.read_run_info(work_dir / f"quality-{variant}").get("unigram_validation_bpb")
+            if not any(note.startswith("For scale") for note in section.notes):
+                section.notes = [*quality.quality_notes(section.data), *section.notes]
+            for target in section.targets:
+                if target.name.startswith("d. learned FLOPs") and not target.passed and not target.profile:
+                    target.profile = quality.flop_breakdown(section.data)
+                    target.profile_caption = "Where the FLOPs go (forward FLOPs per token from `spikewalze evaluate`):"
+        sections.append(section)
+    write_page(out_dir / page, sections, results["run"])
+    logger.info("rewrote %s from %s", out_dir / page, work_dir / "results.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.model_bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Smaller sizes and a 30 s quality budget (a few minutes in all).")
@@ -255,11 +281,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=ALL_SECTIONS, help="Sections to run, for example 'abc' (default: all).")
     parser.add_argument("--page", default="benchmarks.md", help="File name of the page inside --out.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the commands it runs (default: torch's choice).")
+    parser.add_argument("--render-only", action="store_true", help="Rewrite the page from work-dir/results.json without running anything.")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.render_only:
+        render_from_results(args.work_dir, args.out, args.page)
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # read by torch in the train and evaluate subprocesses
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     settings = Settings.quick() if args.quick else Settings.full()
     if args.quality_budget_s is not None:

@@ -49,7 +49,7 @@ def render_page(sections: list[Section], run: dict[str, Any]) -> str:
             lines += [
                 f"### Profile: {target.name}",
                 "",
-                "`torch.profiler` operators of one call of the case that missed, top 10 by self CPU time:",
+                target.profile_caption,
                 "",
                 "```",
                 target.profile.rstrip(),
