@@ -246,17 +246,37 @@ def run_benchmarks(
     return [sections[key] for key in ALL_SECTIONS if key in sections]
 
 
-def render_from_results(work_dir: Path, out_dir: Path, page: str) -> None:
+def load_sections(results: dict) -> dict[str, Section]:
+    sections = {}
+    for stored in results["sections"]:
+        stored = dict(stored)
+        targets = [Target(**target) for target in stored.pop("targets")]
+        sections[stored["key"]] = Section(**stored, targets=targets)
+    return sections
+
+
+def render_from_results(work_dir: Path, out_dir: Path, page: str, replacements: list[Path], reason: str) -> None:
     """Rewrite the page from work_dir/results.json with the current layout, running nothing.
 
-    Explanations that later code derives from stored figures (the FLOP breakdown and the unigram
-    scale of section d) are added where the stored run lacks them.
+    Sections found in the `replacements` results files (later runs with --only) take the place
+    of the main run's, with a note naming the run they come from and `reason`. Explanations that
+    later code derives from stored figures (the FLOP breakdown and the unigram scale of section d)
+    are added where the stored run lacks them.
     """
     results = json.loads((work_dir / "results.json").read_text(encoding="utf-8"))
+    by_key = load_sections(results)
+    for path in replacements:
+        other = json.loads(path.read_text(encoding="utf-8"))
+        run = other["run"]
+        for key, section in load_sections(other).items():
+            section.notes.append(
+                f"This section comes from a separate run, `{run['command']}` on {run['date']} at commit "
+                f"{run['revision']} (load average before {run['load_before']}, after {run['load_after']}), "
+                f"which replaced the main run's figures: {reason}"
+            )
+            by_key[key] = section
     sections = []
-    for stored in results["sections"]:
-        targets = [Target(**target) for target in stored.pop("targets")]
-        section = Section(**stored, targets=targets)
+    for section in by_key.values():
         if section.key == "quality":
             for variant, figures in section.data.items():
                 if figures.get("unigram_bpb") is None:
@@ -268,6 +288,8 @@ def render_from_results(work_dir: Path, out_dir: Path, page: str) -> None:
                     target.profile = quality.flop_breakdown(section.data)
                     target.profile_caption = "Where the FLOPs go (forward FLOPs per token from `spikewalze evaluate`):"
         sections.append(section)
+    order = {"train_step": 0, "generation": 1, "hard_gate": 2, "quality": 3, "curriculum": 4, "mfu": 5, "spike_stage": 6, "hf_baseline": 7}
+    sections.sort(key=lambda section: order.get(section.key, 99))
     write_page(out_dir / page, sections, results["run"])
     logger.info("rewrote %s from %s", out_dir / page, work_dir / "results.json")
 
@@ -282,10 +304,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--page", default="benchmarks.md", help="File name of the page inside --out.")
     parser.add_argument("--threads", type=int, default=None, help="torch threads here and in the commands it runs (default: torch's choice).")
     parser.add_argument("--render-only", action="store_true", help="Rewrite the page from work-dir/results.json without running anything.")
+    parser.add_argument("--replace-from", type=Path, action="append", default=[], help="With --render-only: results.json of a later --only run whose sections replace the main run's. Repeatable.")
+    parser.add_argument("--replace-reason", default="", help="With --replace-from: why the sections were measured again, printed on the page.")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.render_only:
-        render_from_results(args.work_dir, args.out, args.page)
+        render_from_results(args.work_dir, args.out, args.page, args.replace_from, args.replace_reason)
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -86,22 +86,29 @@ def release() -> None:
 def bench_train_step(
     base: ModelConfig, vocab_size: int, seq_lens: list[int], batch_tokens: int, repeats: int, img_dir: Path
 ) -> Section:
-    """Time forward+backward+AdamW per token at each T with B = batch_tokens / T sequences."""
-    per_token: dict[str, dict[int, Timing]] = {variant: {} for variant in VARIANTS}
-    learned_steps: dict[int, Callable[[], None]] = {}  # kept for the profiles of missed targets
+    """Time forward+backward+AdamW per token at each T with B = batch_tokens / T sequences.
+
+    All models at all lengths take turns in every repeat, so a change in machine load during the
+    section shifts every figure alike instead of one length's.
+    """
+    steps: dict[str, Callable[[], None]] = {}
     for seq_len in seq_lens:
         batch_size = max(1, batch_tokens // seq_len)
-        steps = {
-            variant: make_train_step(variant_config(base, variant, context=seq_len), vocab_size, batch_size, seq_len)
-            for variant in VARIANTS
-        }
-        timings = measure_interleaved(steps, repeats=repeats, warmup=1)
-        for variant, timing in timings.items():
-            per_token[variant][seq_len] = timing.scaled(1.0 / (batch_size * seq_len))
+        for variant in VARIANTS:
+            cfg = variant_config(base, variant, context=seq_len)
+            steps[f"{variant}@{seq_len}"] = make_train_step(cfg, vocab_size, batch_size, seq_len)
+    timings = measure_interleaved(steps, repeats=repeats, warmup=1)
+
+    per_token: dict[str, dict[int, Timing]] = {variant: {} for variant in VARIANTS}
+    for seq_len in seq_lens:
+        tokens = max(1, batch_tokens // seq_len) * seq_len
+        for variant in VARIANTS:
+            timing = timings[f"{variant}@{seq_len}"]
+            per_token[variant][seq_len] = timing.scaled(1.0 / tokens)
             logger.info("train step %s T=%d: %.3f s", variant, seq_len, timing.median)
-        learned_steps[seq_len] = steps["learned"]
-        del steps, timings
-        release()
+    learned_steps = {seq_len: steps[f"learned@{seq_len}"] for seq_len in seq_lens}  # for the profiles of misses
+    del steps
+    release()
 
     rows = []
     for seq_len in seq_lens:
@@ -163,8 +170,8 @@ def bench_train_step(
         title="a. Training step cost per token against sequence length",
         description=(
             f"One forward+backward+AdamW step on random token ids, {batch_tokens} tokens per batch at every T "
-            f"(B = {batch_tokens} / T), median over {repeats} steps after one warm-up step, the four models taking "
-            "turns; in brackets the interquartile range. `learned`, `always` and `never` are Spike-Walze gate modes (soft gate, as in "
+            f"(B = {batch_tokens} / T), median over {repeats} steps after one warm-up step, all models at all lengths "
+            "taking turns; in brackets the interquartile range. `learned`, `always` and `never` are Spike-Walze gate modes (soft gate, as in "
             "training); `gpt` is the full-attention baseline of the same size."
         ),
         table=table,
