@@ -351,12 +351,15 @@ class Trainer:
             self.save(BEST)
 
     def _mfu_inputs(self) -> tuple[float | None, float | None]:
-        """Return forward FLOPs per token (at the target spike rate) and the peak FLOP/s, if known."""
+        """Return forward FLOPs per token and the peak FLOP/s, if known.
+
+        Training uses the soft gate, which runs the expert for every token whatever the gate value,
+        so the count is the dense one (spike_rate=None; no expert at all with spike.mode never).
+        """
         try:
             from spikewalze_cli.model.flops import forward_flops_per_token
 
-            spike = self.config.model.spike.target_rate if self.config.model.arch == "spikewalze" else None
-            flops = forward_flops_per_token(self.config.model, self.inputs.tokens.vocab_size, self.config.model.context, spike_rate=spike)
+            flops = forward_flops_per_token(self.config.model, self.inputs.tokens.vocab_size, self.config.model.context, spike_rate=None)
             per_token = float(flops.actual)
         except (ImportError, AttributeError) as error:
             log.debug("no FLOP count for MFU: %s", error)
