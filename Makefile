@@ -27,10 +27,15 @@ test: install
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Each stage whose output is already complete is reused, so a second `make demo` continues an
+# interrupted run; `make clean` or another RUN=dir starts over.
 demo: install
-	$(BIN)/spikewalze prepare-data --config $(CONFIG) $(INPUT_FLAGS) $(LIMIT_FLAGS) --out $(RUN)/data
-	$(BIN)/spikewalze build-tokenizer --config $(CONFIG) --data $(RUN)/data --out $(RUN)/tokenizer
-	$(BIN)/spikewalze train --config $(CONFIG) --data $(RUN)/data --tokenizer $(RUN)/tokenizer --out $(RUN)/train
+	@if [ -f $(RUN)/data/manifest.json ]; then echo "reusing prepared data in $(RUN)/data"; \
+	else $(BIN)/spikewalze prepare-data --config $(CONFIG) $(INPUT_FLAGS) $(LIMIT_FLAGS) --out $(RUN)/data; fi
+	@if [ -f $(RUN)/tokenizer/manifest.json ]; then echo "reusing the tokenizer in $(RUN)/tokenizer"; \
+	else $(BIN)/spikewalze build-tokenizer --config $(CONFIG) --data $(RUN)/data --out $(RUN)/tokenizer; fi
+	@if [ -f $(RUN)/train/run.json ]; then $(BIN)/spikewalze resume $(RUN)/train; \
+	else $(BIN)/spikewalze train --config $(CONFIG) --data $(RUN)/data --tokenizer $(RUN)/tokenizer --out $(RUN)/train; fi
 	$(BIN)/spikewalze evaluate $(RUN)/train --json $(RUN)/evaluation.json
 	$(BIN)/spikewalze generate $(RUN)/train --prompt "Die Stadt Aachen"
 
