@@ -218,10 +218,10 @@ def run_benchmarks(
     before = load_average()
     revision = git_revision()
     start = time.perf_counter()
-    wanted = [key for key in ALL_SECTIONS if key in only or (key == "d" and "g" in only)]
+    requested = [key for key in ALL_SECTIONS if key in only or (key == "d" and "g" in only)]
 
     def write(sections: dict[str, Section]) -> None:
-        missing = [key for key in wanted if key not in sections]
+        missing = [key for key in requested if key not in sections]
         run = {
             "command": command,
             "date": now(),
