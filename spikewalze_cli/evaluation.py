@@ -55,6 +55,7 @@ import torch
 
 from spikewalze_cli.config import Config, ModelConfig, config_to_dict, parse_override, read_yaml, validate_config
 from spikewalze_cli.console import console
+from spikewalze_cli.device import resolve_device
 from spikewalze_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -92,19 +93,6 @@ def inference_config(run_config: Config, config_path: Path | None, overrides: li
         tree[section][name] = value  # a nested name such as eval.a.b fails validation as an unknown key
 
     return validate_config(tree, "--config/--set")
-
-
-def resolve_device(name: str) -> torch.device:
-    """Turn `auto`, `cpu`, `cuda` or `cuda:N` into a device, raising UserError if it is unavailable."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"invalid device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {name!r} requested, but PyTorch sees no CUDA GPU; use cpu or auto")
-    return device
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,7 +321,7 @@ def evaluate(
     loaded = load_for_inference(Path(target), device="cpu")
     config = inference_config(loaded.config, config_path, overrides)
     cfg = config.eval
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, "eval.device")
     model = loaded.model.to(device).eval()
     model_cfg = config.model
 

@@ -32,7 +32,8 @@ from rich.text import Text
 from spikewalze_cli.config import GenerateConfig
 from spikewalze_cli.console import console, stdout_console
 from spikewalze_cli.errors import UserError
-from spikewalze_cli.evaluation import inference_config, resolve_device
+from spikewalze_cli.device import resolve_device
+from spikewalze_cli.evaluation import inference_config
 
 log = logging.getLogger(__name__)
 
@@ -292,7 +293,7 @@ def generate(
 
     loaded = load_for_inference(Path(target), device="cpu")
     config = inference_config(loaded.config, config_path, overrides)
-    device = resolve_device(config.generate.device)
+    device = resolve_device(config.generate.device, "generate.device")
     loaded.model.to(device).eval()
     session = GenerationSession(loaded, config.generate, device, show_spikes)
 

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from spikewalze_cli.device import resolve_device
 from spikewalze_cli.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,22 +61,10 @@ class Runtime:
             dist.destroy_process_group()
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"invalid train.device {name!r}; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device is {name!r} but no CUDA device is available; use train.device=cpu")
-    return device
-
-
 def start_runtime(device_name: str) -> Runtime:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1), else run alone."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = resolve_device(device_name)
+    device = resolve_device(device_name, "train.device")
     if world <= 1:
         return Runtime(rank=0, world=1, device=device)
 
