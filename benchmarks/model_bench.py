@@ -265,6 +265,7 @@ def render_from_results(work_dir: Path, out_dir: Path, page: str, replacements: 
     """
     results = json.loads((work_dir / "results.json").read_text(encoding="utf-8"))
     by_key = load_sections(results)
+    replaced: list[str] = []
     for path in replacements:
         other = json.loads(path.read_text(encoding="utf-8"))
         run = other["run"]
@@ -275,6 +276,11 @@ def render_from_results(work_dir: Path, out_dir: Path, page: str, replacements: 
                 f"which replaced the main run's figures: {reason}"
             )
             by_key[key] = section
+            replaced.append(section.title.split(".")[0])
+    if replaced:
+        results["run"]["settings_note"] = (
+            f"Sections {', '.join(sorted(replaced))} come from a separate run with the same settings; the note under each says which and why."
+        )
     sections = []
     for section in by_key.values():
         if section.key == "quality":
