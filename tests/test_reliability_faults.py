@@ -38,8 +38,9 @@ from spikewalze_cli.training import resume, train
 REPO = Path(__file__).resolve().parents[1]
 
 # Sixteen steps with a checkpoint every second step and a validation every fourth.
+KILL_STEPS = 24
 KILL_RUN_OVERRIDES = [
-    "train.max_steps=16",
+    f"train.max_steps={KILL_STEPS}",
     "train.checkpoint_interval=2",
     "train.eval_interval=4",
     "train.keep_checkpoints=2",
@@ -127,15 +128,18 @@ def test_sigkill_training_five_times_then_resume(tiny_run_inputs, tmp_path: Path
     for index, moment in enumerate(moments):
         command = train_command(tiny_run_inputs, run_dir) if index == 0 else [sys.executable, "-m", "spikewalze_cli", "resume", str(run_dir)]
         start_step = last_train_step(run_dir)
-        target = max(start_step + rng.randint(1, 3), 3)  # after the first checkpoint (step 2)
-        env = subprocess_env(**({WRITE_DELAY_ENV: "3"} if moment == "checkpoint" else {}))
+        # After the first checkpoint (step 2), and short of the last step so the run is still alive.
+        target = min(max(start_step + rng.randint(1, 3), 3), KILL_STEPS - 2)
+        # A short delay in every checkpoint write keeps a fast machine from finishing the run
+        # between the poll that sees the target step and the kill.
+        env = subprocess_env(**{WRITE_DELAY_ENV: "3" if moment == "checkpoint" else "0.5"})
         log_path = tmp_path / f"process-{index}.log"
         with log_path.open("w") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             deadline = time.monotonic() + 240
             while process.poll() is None and time.monotonic() < deadline:
                 if moment == "step" and last_train_step(run_dir) >= target:
-                    time.sleep(rng.uniform(0.0, 0.3))
+                    time.sleep(rng.uniform(0.0, 0.1))
                     break
                 if moment == "checkpoint" and any(p.name.endswith(f"-{process.pid}") for p in half_written_checkpoints(run_dir)):
                     break
@@ -161,8 +165,8 @@ def test_sigkill_training_five_times_then_resume(tiny_run_inputs, tmp_path: Path
     assert any(f"from checkpoints/{newest.name}" in record.getMessage() for record in caplog.records)
     for name in partial_seen:
         assert any(name in record.getMessage() and "partial" in record.getMessage() for record in caplog.records)
-    final = run_dir / "checkpoints" / "step-00000016"
-    assert_same_tensors(straight / "checkpoints" / "step-00000016", final)
+    final = run_dir / "checkpoints" / f"step-{KILL_STEPS:08d}"
+    assert_same_tensors(straight / "checkpoints" / f"step-{KILL_STEPS:08d}", final)
     assert_checkpoints_readable(run_dir)
 
 
