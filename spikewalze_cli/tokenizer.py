@@ -397,9 +397,11 @@ def _check_replaceable(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise UserError(f"tokenizer output {out_dir} is a file; choose a directory with --out")
-    if any(out_dir.iterdir()) and not (out_dir / "tokenizer.json").is_file():
+    manifest = out_dir / "manifest.json"
+    foreign = manifest.is_file() and read_json(manifest, "manifest").get("format") != MANIFEST_FORMAT
+    if any(out_dir.iterdir()) and (foreign or not (out_dir / "tokenizer.json").is_file()):
         raise UserError(
-            f"tokenizer output {out_dir} is not empty and contains no tokenizer.json; "
+            f"tokenizer output {out_dir} is not empty and contains no tokenizer; "
             "choose another --out or remove the directory"
         )
 
@@ -482,8 +484,9 @@ class TokenStore:
             raise UserError(f"tokenizer directory {self.dir} is incomplete (no manifest.json); {rerun} again")
         self.manifest: dict = read_json(self.dir / "manifest.json", "tokenizer manifest")
         if self.manifest.get("format") != MANIFEST_FORMAT:
-            found = self.manifest.get("format")
-            raise UserError(f"{self.dir / 'manifest.json'} has format {found!r}, expected {MANIFEST_FORMAT}; {rerun}")
+            if self.manifest.get("format") == "spikewalze-data":
+                raise UserError(f"{self.dir} is a prepared data directory, not a tokenizer directory; pass the output of build-tokenizer")
+            raise UserError(f"{self.dir} is not a tokenizer directory (its manifest.json is not from build-tokenizer); {rerun}")
 
         tokenizer_path = self.dir / "tokenizer.json"
         if not tokenizer_path.is_file() or sha256_file(tokenizer_path) != self.manifest["tokenizer_sha256"]:

@@ -16,6 +16,7 @@ from spikewalze_cli.config import load_config
 from spikewalze_cli.data import assign_stages, prepare_data, stage_thresholds
 from spikewalze_cli.data.difficulty import FEATURES
 from spikewalze_cli.data.units import cut_paragraph, pack_units
+from spikewalze_cli.errors import UserError
 
 ARTICLES = 40
 
@@ -318,3 +319,17 @@ def test_bad_input_one_line_nothing_written(kind: str, shared_data: Path, tmp_pa
     assert_one_line_error(result, fragment)
     assert not out.exists()
     assert not (tmp_path / ".data.partial").exists()
+
+
+def test_prepare_keeps_foreign_manifest_directory(tmp_path: Path, shared_data: Path):
+    """A tokenizer or checkpoint directory also has a manifest.json; prepare-data must not replace it."""
+    target = tmp_path / "tokenizer"
+    target.mkdir()
+    (target / "manifest.json").write_text('{"format": 1}', encoding="utf-8")
+    (target / "tokenizer.json").write_text("{}", encoding="utf-8")
+    config = load_config(None, [f"data.inputs=['{shared_data / 'klexikon-articles.parquet'}']", "data.max_articles=5", f"data.out='{target}'"])
+
+    with pytest.raises(UserError, match="is not empty and contains no prepared data"):
+        prepare_data(config)
+
+    assert (target / "tokenizer.json").read_text(encoding="utf-8") == "{}"

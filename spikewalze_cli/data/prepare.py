@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import logging
 import multiprocessing
 import os
@@ -234,8 +235,17 @@ def _check_output(out: Path) -> None:
         return
     if not out.is_dir():
         raise UserError(f"output {out} exists and is not a directory; choose another --out")
-    if any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise UserError(f"output directory {out} is not empty and contains no prepared data (no manifest.json); choose another --out or remove it")
+    if not any(out.iterdir()):
+        return
+    # Only an earlier prepare-data output may be replaced: a tokenizer or checkpoint directory
+    # also has a manifest.json, and replacing it would delete what a run depends on.
+    manifest = out / "manifest.json"
+    try:
+        kind = json.loads(manifest.read_text(encoding="utf-8")).get("format") if manifest.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kind = None
+    if kind != MANIFEST_FORMAT:
+        raise UserError(f"output directory {out} is not empty and contains no prepared data; choose another --out or remove it")
 
 
 def _write_error(error: OSError, out: Path) -> Exception:
