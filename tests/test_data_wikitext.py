@@ -96,3 +96,9 @@ def test_xml_max_articles_stops_early(shared_data):
     sources = open_sources(DataConfig(inputs=[str(shared_data / "dewiki-20170701-sample.xml.bz2")]))
     assert len(list(iter_articles(sources, max_articles=3))) == 3
     assert sources[0].stats["articles"] == 3
+
+
+def test_bare_link_title_entities_decoded():
+    text = wikitext_to_text("Sohn von [[Meinhard&nbsp;II.]] und [[Benedikt&nbsp;XII.]].")
+    assert text == "Sohn von Meinhard II. und Benedikt XII.."
+    assert "&nbsp;" not in text

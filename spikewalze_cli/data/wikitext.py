@@ -8,6 +8,7 @@ paragraphs, list items as lines, and the content of formatting tags (bold, itali
 
 from __future__ import annotations
 
+import html
 import re
 
 import mwparserfromhell
@@ -101,7 +102,8 @@ def _render(code: Wikicode, parts: list[str]) -> None:
             if node.text is not None:
                 _render(node.text, parts)
             else:
-                parts.append(title.lstrip(":").split("#", 1)[0])
+                # The title of a bare link is raw text, so entities such as &nbsp; are still escaped.
+                parts.append(html.unescape(title.lstrip(":").split("#", 1)[0]))
         elif isinstance(node, Heading):
             parts.append("\n\n")
             _render(node.title, parts)
