@@ -21,7 +21,8 @@ from spikewalze_cli.errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan pass every range check, so they are rejected as values in any section.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class DataConfig(Section):
@@ -295,13 +296,24 @@ def read_yaml(path: Path) -> dict:
 
 
 def load_config(path: Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load `path` (or the defaults when None), apply `--set` overrides and validate the result."""
+    """Load `path` (or the defaults when None), apply `--set` overrides and validate the result.
+
+    An error in a key that an override set names the command line as its source, not the file.
+    """
     tree = read_yaml(path) if path is not None else {}
     source = str(path) if path is not None else "config"
+    override_keys = []
     for text in overrides:
         key, value = parse_override(text)
         _set_dotted(tree, key, value)
-    return validate_config(tree, source)
+        override_keys.append(key)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        from_override = any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in override_keys)
+        raise UserError(_describe_error(first, "command line" if from_override else source)) from None
 
 
 def validate_config(tree: dict, source: str = "config") -> Config:

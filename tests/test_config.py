@@ -51,3 +51,13 @@ def test_override_without_equals_rejected():
 def test_section_rule_names_section():
     with pytest.raises(UserError, match=r"invalid config section 'train': min_lr \(0.5\) must not exceed lr"):
         load_config(None, ["train.min_lr=0.5"])
+
+
+def test_override_error_names_command_line():
+    with pytest.raises(UserError, match=r"^command line: unknown config key 'train.max_step'"):
+        load_config(CONFIGS / "tiny.yaml", ["train.max_step=3"])
+
+
+def test_infinite_value_rejected():
+    with pytest.raises(UserError, match=r"'generate.temperature': Input should be a finite number"):
+        load_config(None, ["generate.temperature=.inf"])
