@@ -283,6 +283,7 @@ class Trainer:
 
         display = Display(self.runtime.is_main, self.step, train.max_steps)
         window_start, window_tokens = time.perf_counter(), 0
+        mfu_warned = False
         with StopSignal() as stop, display:
             while self.step < train.max_steps:
                 record = self.train_step()
@@ -294,6 +295,13 @@ class Trainer:
                     record["tokens_per_s"] = window_tokens / elapsed
                     if flops_per_token is not None and peak:
                         record["mfu"] = 3 * flops_per_token * record["tokens_per_s"] / (peak * self.runtime.world)
+                        if record["mfu"] > 1.0 and not mfu_warned:
+                            mfu_warned = True
+                            log.warning(
+                                "MFU above 100%%: the peak of %.3g FLOP/s is too low, probably measured while other jobs "
+                                "used the cores; set train.peak_flops or delete ~/.cache/spikewalze/peak_flops.json",
+                                peak,
+                            )
                     window_start, window_tokens = time.perf_counter(), 0
                 if metrics is not None:
                     metrics.write(record)
