@@ -186,23 +186,15 @@ class SpikeWalzeLM(CausalLM):
         return ModelOutput(logits=logits, loss=loss, aux_loss=self._rate_loss(probabilities, x), gates=torch.stack(gates).detach())
 
     def _rate_loss(self, probabilities: list[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """Return weight * mean over layers of the squared distance of two spike rates to the target.
+        """Return weight * mean over layers of (mean gate probability of the layer - target rate)^2.
 
-        The two rates are the mean gate probability of the layer (the soft rate of training) and
-        the share of tokens with probability >= 0.5 (the hard rate of inference), averaged. The hard
-        rate is not differentiable, so it passes the gradient of the soft rate (straight-through).
-        Without that term the hard rate drifts below the target while the soft rate sits on it.
         Only the learned detector is regularized; fixed or forced gates give a zero.
         """
         spike = self.cfg.spike
         if not probabilities:
             return x.new_zeros((), dtype=torch.float32)
-        deviations = []
-        for p in probabilities:
-            soft_rate = p.mean()
-            hard_rate = (p >= 0.5).float().mean() + soft_rate - soft_rate.detach()
-            deviations.append(((soft_rate - spike.target_rate) ** 2 + (hard_rate - spike.target_rate) ** 2) / 2)
-        return spike.rate_loss_weight * torch.stack(deviations).mean()
+        deviations = torch.stack([(p.mean() - spike.target_rate) ** 2 for p in probabilities])
+        return spike.rate_loss_weight * deviations.mean()
 
     def init_state(self, batch_size: int, device: torch.device | str = "cpu") -> SpikeWalzeState:
         dtype = self.embed.weight.dtype
