@@ -1,6 +1,6 @@
 """The typed configuration shared by every command.
 
-One YAML file holds all sections (data, tokenizer, model, train, curriculum, eval, generate). Each
+One YAML file contains all sections (data, tokenizer, model, train, curriculum, eval, generate). Each
 command reads the sections it needs; `--set dotted.key=value` overrides any key, with the value
 parsed as YAML. Validation errors name the key, the value and what is allowed, and unknown keys
 name the closest valid key.
@@ -154,7 +154,7 @@ class TrainConfig(Section):
 
 
 class CurriculumConfig(Section):
-    """The order in which training sees difficulty stages."""
+    """Curriculum: the order in which training draws units of each difficulty stage."""
 
     schedule: Literal["none", "staged", "competence", "adaptive"] = Field(
         "competence", description="Sampling schedule over the difficulty stages."

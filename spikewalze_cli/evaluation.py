@@ -444,7 +444,12 @@ def _si(value: float | None) -> str:
         if abs(value) >= scale:
             prefix, value = name, value / scale
             break
-    digits = 2 if abs(value) < 10 else 1 if abs(value) < 100 else 0
+    if abs(value) < 10:
+        digits = 2
+    elif abs(value) < 100:
+        digits = 1
+    else:
+        digits = 0
     return f"{value:.{digits}f}{prefix}"
 
 

@@ -1,8 +1,8 @@
 """Curriculum schedules: which training units are eligible at each step.
 
-Every schedule answers one question per step: with what probability is each training unit drawn?
-The answer is a weight per difficulty stage, except for `competence`, which opens a prefix of all
-units sorted by difficulty score.
+Every schedule returns, per step, the probability with which each training unit is drawn: a
+weight per difficulty stage, except for `competence`, which opens a prefix of all units sorted by
+difficulty score.
 
 - none: every unit equally likely (the ablation baseline).
 - staged: stage s fades in linearly between the peaks of stage s-1 and stage s

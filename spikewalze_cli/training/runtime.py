@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Runtime:
-    """Where this process trains: its rank among `world` processes and its device."""
+    """Placement of this process: its rank among `world` processes and its device."""
 
     rank: int
     world: int
