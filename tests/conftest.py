@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+import torch
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -119,3 +120,12 @@ def tiny_trained_run(tiny_run_inputs: TinyRunInputs, tmp_path_factory: pytest.Te
 def tiny_trained_gpt_run(tiny_run_inputs: TinyRunInputs, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The gpt baseline trained the same way."""
     return _train_tiny_run(tiny_run_inputs, tmp_path_factory.mktemp("trained-gpt") / "run", "model.arch=gpt")
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one torch thread, so results do not depend on the core count or other jobs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -27,13 +27,8 @@ from spikewalze_cli.errors import UserError
 from spikewalze_cli.training import train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train on one thread: the machine is shared, and results then do not depend on its core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -19,13 +19,8 @@ from spikewalze_cli.training.metrics import read_records
 STEPS = 100
 CONTEXT = 32
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Train on one thread: the machine is shared, and results then do not depend on its core count."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 

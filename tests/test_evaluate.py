@@ -39,12 +39,8 @@ RESULT_KEYS = {
 STAGE_KEYS = {"loss", "perplexity", "bits_per_byte", "tokens", "bytes", "spike_rate", "spike_rate_per_layer"}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def unit_index(rows: list[tuple[int, int, int]]) -> np.ndarray:

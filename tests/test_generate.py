@@ -15,12 +15,8 @@ PROMPT = [5, 17, 3, 88, 42, 7, 61, 0, 12]
 GREEDY = GenerateConfig(temperature=0.0, top_k=None, top_p=1.0, repetition_penalty=1.0, max_new_tokens=40)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(arch: str, target_rate: float = 0.5) -> torch.nn.Module:

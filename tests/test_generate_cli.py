@@ -17,12 +17,8 @@ from spikewalze_cli.io import sha256_file
 PROMPT = "Die Stadt Aachen"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(*args: str, input: str | None = None):

@@ -19,12 +19,8 @@ from spikewalze_cli.training.metrics import read_records
 from test_reliability_faults import tree_digest
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_prepare_and_tokenizer_byte_identical(shared_data: Path, tmp_path: Path):

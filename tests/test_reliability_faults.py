@@ -47,13 +47,8 @@ KILL_RUN_OVERRIDES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread in this process, as OMP_NUM_THREADS=1 gives the subprocesses: same sums, same bits."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# One torch thread: results then do not depend on the core count or on other jobs.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
